@@ -1,0 +1,176 @@
+"""The ``fastvllm`` command line: a thin Typer layer over the library modules.
+
+Every command prints one line and exits non-zero on a :class:`FastvllmError`; ``--json``
+prints exactly one JSON object on stdout (progress goes to stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import registry, server
+from .errors import FastvllmError
+from .paths import logs_dir
+from .progress import Progress
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Snapshot a ready vLLM server with CRIU and restore it in seconds.")
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _emit(result: dict, as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for line in lines:
+            print(line)
+
+
+def _timings_line(timings: dict) -> str:
+    return "  ".join(f"{k.removesuffix('_s')} {v:.2f}s" for k, v in timings.items())
+
+
+@app.command("make-model")
+def make_model_cmd(out: Path = typer.Argument(..., help="Directory to create (must not exist or be empty)."),
+                   size: str = typer.Option("tiny", help="tiny (~15 MB) or small (~0.9 GB)."),
+                   seed: int = typer.Option(0, help="Random seed (same seed, same bytes)."),
+                   as_json: bool = typer.Option(False, "--json")):
+    """Write a random-init Llama model with a locally trained tokenizer (no hub needed)."""
+    from .model_maker import make_model
+
+    info = make_model(out, size=size, seed=seed)
+    _emit(info, as_json, [f"model written to {info['path']} ({info['weight_bytes'] / 1e6:.1f} MB of weights)"])
+
+
+@app.command(context_settings=EXTRA)
+def serve(ctx: typer.Context, model: str = typer.Argument(..., help="Model directory or hub id."),
+          port: int = typer.Option(server.DEFAULT_PORT, help="Port on 127.0.0.1."),
+          as_json: bool = typer.Option(False, "--json")):
+    """Cold-start a vLLM OpenAI server (detached), wait for it to answer, print timings."""
+    from .snapshot import resolve_model
+
+    progress = Progress(quiet=as_json)
+    spec = server.ServerSpec(model=resolve_model(model), port=port, extra_args=list(ctx.args))
+    log_path = logs_dir() / f"serve-{secrets.token_hex(6)}.log"
+    with progress.step(f"starting vLLM server on port {port}"):
+        proc = server.launch(spec, log_path)
+        record = registry.add(registry.ServerRecord(root_pid=proc.pid, pids=[proc.pid], endpoint=spec.endpoint,
+                                                    model=spec.model, how="serve", log=str(log_path)))
+        try:
+            server.wait_healthy(spec.endpoint, proc.pid, 900, log_path)
+        except BaseException:
+            server.stop_tree(proc.pid)
+            registry.remove(proc.pid)
+            raise
+    healthy_s = progress.elapsed()
+    server.complete(spec.endpoint, server.served_model(spec.endpoint), server.CANARY_PROMPT)
+    first_token_s = progress.elapsed()
+    record.pids = server.tree_pids(proc.pid)
+    registry.add(record)
+    timings = {"healthy_s": round(healthy_s, 3), "first_token_s": round(first_token_s, 3)}
+    _emit({"endpoint": spec.endpoint, "pids": record.pids, "timings": timings}, as_json,
+          [f"serving {spec.model} at {spec.endpoint} (pid {proc.pid}, log {log_path})", _timings_line(timings)])
+
+
+@app.command(context_settings=EXTRA)
+def snapshot(ctx: typer.Context, model: str = typer.Argument(..., help="Model directory or hub id."),
+             out: Optional[Path] = typer.Option(None, "--out", "-o", help="Snapshot directory to create."),
+             port: int = typer.Option(server.DEFAULT_PORT, help="Port the server (and every restore) listens on."),
+             as_json: bool = typer.Option(False, "--json")):
+    """Start MODEL's server, warm it, record a canary, and CRIU-dump the whole process tree."""
+    from .snapshot import take_snapshot
+
+    result = take_snapshot(model, out, port, list(ctx.args), Progress(quiet=as_json))
+    _emit(result, as_json, [f"snapshot written to {result['snapshot']} "
+                            f"({result['image_bytes'] / 2**20:.0f} MiB of CRIU images)",
+                            _timings_line(result["timings"])])
+
+
+@app.command()
+def restore(snapshot: Path = typer.Argument(..., help="Snapshot directory."),
+            as_json: bool = typer.Option(False, "--json")):
+    """Restore a snapshot's server (same port), check its canary, leave it serving."""
+    from .restore import restore_snapshot
+
+    result = restore_snapshot(snapshot, Progress(quiet=as_json))
+    _emit(result, as_json, [f"serving again at {result['endpoint']} (pids {result['pids']})",
+                            _timings_line(result["timings"])])
+
+
+@app.command()
+def ps(as_json: bool = typer.Option(False, "--json")):
+    """List servers fastvllm started or restored that are still running."""
+    records = registry.live()
+    rows = [{"pid": r.root_pid, "endpoint": r.endpoint, "how": r.how, "model": r.model,
+             "snapshot": r.snapshot, "log": r.log} for r in records]
+    lines = [f"{r['pid']:>8}  {r['endpoint']:<24} {r['how']:<8} {r['model']}" for r in rows]
+    _emit({"servers": rows}, as_json, lines or ["no servers running"])
+
+
+@app.command()
+def stop(target: Optional[str] = typer.Argument(None, help="Endpoint URL, port (:8000) or PID."),
+         all_: bool = typer.Option(False, "--all", help="Stop every server fastvllm started or restored."),
+         as_json: bool = typer.Option(False, "--json")):
+    """Stop servers fastvllm started or restored."""
+    if all_:
+        records = registry.live()
+    elif target:
+        records = registry.find(target)
+        if not records:
+            raise FastvllmError(f"no running fastvllm server matches {target}", fix="see fastvllm ps")
+    else:
+        raise FastvllmError("say which server to stop", fix="pass an endpoint, port or PID, or --all")
+    for record in records:
+        server.stop_tree(record.root_pid, server.tree_pids(record.root_pid))
+        registry.remove(record.root_pid)
+    _emit({"stopped": [r.root_pid for r in records]}, as_json,
+          [f"stopped {r.endpoint} (pid {r.root_pid})" for r in records] or ["nothing to stop"])
+
+
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json")):
+    """Check CRIU, kernel, io_uring, vmtouch, vLLM and GPU tooling; each problem with its fix."""
+    from .doctor import run_checks
+
+    checks = run_checks()
+    fatal = [c for c in checks if not c.ok and c.fatal]
+    if as_json:
+        print(json.dumps({"ok": not fatal, "checks": [c.to_json() for c in checks]}))
+    else:
+        for c in checks:
+            mark = "ok  " if c.ok else ("FAIL" if c.fatal else "warn")
+            print(f"[{mark}] {c.name}: {c.detail}" + ("" if c.ok or not c.fix else f" -> {c.fix}"))
+    if fatal:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except FastvllmError as exc:
+        print(f"fastvllm: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("fastvllm: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

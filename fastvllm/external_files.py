@@ -1,0 +1,152 @@
+"""Files a process tree uses that CRIU does not put in its images.
+
+CRIU stores anonymous memory, but for file-backed shared mappings and open files it stores
+only a reference (path, size, offset). For a vLLM tree those are the ``/dev/shm`` segments
+(``psm_*`` message queues, ``sem.*`` semaphores, and the ``link_remap.N`` hard links CRIU
+makes for unlinked ones) and the server's log. They must be saved right after the dump and
+put back, byte for byte and with hard links kept, before each restore.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SHM_DIR = Path("/dev/shm")
+_DELETED = " (deleted)"
+
+
+@dataclass
+class SavedFile:
+    """One file to put back: its original path, the copy in the snapshot, and its inode group."""
+
+    path: str
+    stored_as: str
+    size: int
+    link_group: int  # files with the same group are hard links of one inode
+    mode: int = 0o600  # CRIU checks size and mode of every file it reopens
+    uid: int = 0
+    gid: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def shm_paths_of(pids: list[int]) -> set[str]:
+    """Paths under /dev/shm that ``pids`` have open or mapped (deleted ones excluded)."""
+    found: set[str] = set()
+    for pid in pids:
+        for path in _fd_targets(pid) | _mapped_files(pid):
+            if path.startswith(str(SHM_DIR) + "/") and not path.endswith(_DELETED):
+                found.add(path)
+    return found
+
+
+def link_remaps_in_shm() -> set[str]:
+    """CRIU's ``link_remap.N`` files in /dev/shm (made on dump for unlinked-but-open files)."""
+    try:
+        return {str(SHM_DIR / n) for n in os.listdir(SHM_DIR) if re.fullmatch(r"link_remap\.\d+", n)}
+    except FileNotFoundError:
+        return set()
+
+
+def _fd_targets(pid: int) -> set[str]:
+    out = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return out
+
+
+def _mapped_files(pid: int) -> set[str]:
+    out = set()
+    try:
+        with open(f"/proc/{pid}/maps") as fh:
+            for line in fh:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].startswith("/"):
+                    out.add(parts[5].rstrip("\n"))
+    except OSError:
+        pass
+    return out
+
+
+def save(paths: set[str], dest: Path) -> list[SavedFile]:
+    """Copy ``paths`` into ``dest``; hard links among them are recorded, stored once."""
+    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    saved: list[SavedFile] = []
+    by_inode: dict[tuple[int, int], tuple[int, str]] = {}
+    for index, path in enumerate(sorted(paths)):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in by_inode:
+            group, stored = by_inode[key]
+        else:
+            group, stored = len(by_inode), f"{index:04d}-{Path(path).name}"
+            _sparse_copy(Path(path), dest / stored)
+            os.chmod(dest / stored, 0o600)
+            by_inode[key] = (group, stored)
+        saved.append(SavedFile(path=path, stored_as=stored, size=st.st_size, link_group=group,
+                               mode=st.st_mode & 0o7777, uid=st.st_uid, gid=st.st_gid))
+    return saved
+
+
+def put_back(saved: list[SavedFile], src: Path) -> list[str]:
+    """Recreate each saved file at its original path; returns the paths written.
+
+    An existing file at a path is replaced: these are fastvllm's own run-time files for this
+    snapshot's tree, which is not running (restore checks its PIDs are free first).
+    """
+    written: list[str] = []
+    first_of_group: dict[int, str] = {}
+    for item in saved:
+        target = Path(item.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() or target.is_symlink():
+            target.unlink()
+        if item.link_group in first_of_group:
+            os.link(first_of_group[item.link_group], target)
+        else:
+            _sparse_copy(src / item.stored_as, target)
+            os.chmod(target, item.mode)
+            if os.geteuid() == 0:
+                os.chown(target, item.uid, item.gid)
+            first_of_group[item.link_group] = str(target)
+        written.append(str(target))
+    return written
+
+
+def remove(paths) -> None:
+    """Delete leftovers of a dead tree (never called while the tree runs)."""
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _sparse_copy(src: Path, dst: Path, block: int = 1 << 20) -> None:
+    """Copy keeping holes: the vLLM shm ring buffers are large and mostly never written."""
+    zero = bytes(block)
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(block):
+            if chunk == zero[: len(chunk)]:
+                fout.seek(len(chunk), os.SEEK_CUR)
+            else:
+                fout.write(chunk)
+        fout.truncate()
+
+
+def from_json(items: list[dict]) -> list[SavedFile]:
+    return [SavedFile(**item) for item in items]

