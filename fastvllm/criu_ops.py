@@ -68,7 +68,11 @@ def find_criu() -> Criu:
     """Locate CRIU: ``$FASTVLLM_CRIU``, the project build in ``.criu/``, then ``$PATH``."""
     candidates = []
     if os.environ.get("FASTVLLM_CRIU"):
-        candidates.append(Path(os.environ["FASTVLLM_CRIU"]))
+        forced = Path(os.environ["FASTVLLM_CRIU"])
+        if not (forced.is_file() and os.access(forced, os.X_OK)):
+            raise FastvllmError(f"FASTVLLM_CRIU={forced} is not an executable file",
+                                fix="point it at a CRIU >= 4.2 binary, or unset it to use the one ./run.sh setup builds")
+        candidates.append(forced)
     candidates.append(REPO_ROOT / ".criu" / "sbin" / "criu")
     on_path = shutil.which("criu")
     if on_path:

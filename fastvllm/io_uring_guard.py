@@ -32,5 +32,26 @@ def main(argv: list[str]) -> None:
     os.execvp(argv[0], argv)
 
 
+_PROBE = (
+    "import ctypes, ctypes.util, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "params = ctypes.create_string_buffer(120)\n"
+    "fd = libc.syscall(425, 1, params)\n"  # 425: io_uring_setup on every Linux arch
+    "sys.exit(0 if fd < 0 and ctypes.get_errno() == 1 else 3)\n"
+)
+
+
+def guard_works() -> bool:
+    """True when a child started under the guard gets EPERM from io_uring_setup."""
+    import subprocess
+
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fastvllm.io_uring_guard", sys.executable, "-c", _PROBE],
+                              capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])
