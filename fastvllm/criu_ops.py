@@ -356,7 +356,8 @@ def explain_log(log_path: Path, *, action: str, detail: str = "") -> str:
 def _describe_pid(pid: int) -> str:
     try:
         proc = psutil.Process(pid)
-        return f"pid {pid} '{' '.join(proc.cmdline())[:60] or proc.name()}'"
+        cmd = " ".join(" ".join(proc.cmdline()).split())  # one line, whatever argv holds
+        return f"pid {pid} '{cmd[:60] or proc.name()}'"
     except psutil.Error:
         return f"pid {pid}, now gone"
 
