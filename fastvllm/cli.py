@@ -19,7 +19,7 @@ from .errors import FastvllmError
 from .paths import logs_dir
 from .progress import Progress
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Snapshot a ready vLLM server with CRIU and restore it in seconds.")
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -151,25 +151,16 @@ def doctor(as_json: bool = typer.Option(False, "--json")):
 
 
 def main() -> None:
+    # Typer handles usage errors, --help and exit codes (standalone mode); our own errors
+    # become one line on stderr and exit 1, never a traceback.
     try:
-        app(standalone_mode=False)
+        app()
     except FastvllmError as exc:
         print(f"fastvllm: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("fastvllm: interrupted", file=sys.stderr)
         sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
 
 
 if __name__ == "__main__":

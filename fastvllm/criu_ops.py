@@ -130,6 +130,8 @@ def dump_tree(criu: Criu, pid: int, images_dir: Path, opts: DumpOptions | None =
             _dump_cli(criu, pid, images_dir, opts, log_path)
     except _CriuCallFailed as exc:
         raise CriuFailed(explain_log(log_path, action="dump", detail=str(exc))) from None
+    for image in images_dir.iterdir():  # process memory: owner-only, like the directory
+        image.chmod(0o600)
     return log_path
 
 
@@ -301,11 +303,19 @@ def _flag_args(opts) -> list[str]:
 def _run_cli(cmd: list[str]) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise _CriuCallFailed((proc.stderr or proc.stdout).strip().splitlines()[-1:] or f"exit {proc.returncode}")
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise _CriuCallFailed(lines[-1] if lines else f"criu exited with {proc.returncode}")
+
+
+KEEP_LOGS = 20
 
 
 def _new_log_path(action: str) -> Path:
-    return criu_work_dir() / f"{action}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    work = criu_work_dir()
+    old = sorted(work.glob(f"{action}-*.log"))  # names start with a timestamp
+    for stale in old[:-KEEP_LOGS]:
+        stale.unlink(missing_ok=True)
+    return work / f"{action}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
 # Known CRIU log lines -> what the user should do. First match wins, so specific first.
@@ -322,15 +332,15 @@ _LOG_PATTERNS: list[tuple[re.Pattern[str], str]] = [
      "this CRIU cannot dump TCP sockets on kernel >= 6.16; run ./run.sh setup to build CRIU 4.2.1"),
     (re.compile(r"File (\S+) has bad (size|mode)"),
      "file /{0} has a different {1} than when the snapshot was taken; the snapshot cannot restore against it"),
-    (re.compile(r"(?:Can't open|Can't lookup).*?(/\S+).*No such file"),
-     "{0} existed when the snapshot was taken but is missing now"),
+    (re.compile(r"Can't open file /?(\S+) on restore.*No such file"),
+     "/{0} existed when the snapshot was taken but is missing now"),
     (re.compile(r"Address already in use"),
      "a port or unix socket path the server used is taken by another process; stop it and retry"),
     (re.compile(r"No space left on device"),
      "no space left on device; free space where the snapshot is written, and retry"),
     (re.compile(r"(?:Operation not permitted|Permission denied).*(?:ptrace|seize|PTRACE)", re.I),
      "CRIU may not ptrace the process: run as root (or with CAP_CHECKPOINT_RESTORE + CAP_SYS_PTRACE)"),
-    (re.compile(r"Unable to (?:seize|stop) (\d+)"),
+    (re.compile(r"SEIZE (\d+): (?:can't|task not stopped|unsupported)"),
      "could not freeze process {0} (it exited or is being traced); retry with an idle server"),
 ]
 
@@ -349,7 +359,10 @@ def explain_log(log_path: Path, *, action: str, detail: str = "") -> str:
                 owner = _describe_pid(int(match.group(1)))
             return f"CRIU {action} failed: " + template.format(*match.groups(), owner=owner) + f" (log: {log_path})"
     errors = [ln for ln in text.splitlines() if "Error" in ln and "RLIMIT_NOFILE" not in ln]
-    first = errors[0].split("Error", 1)[-1].strip(" ():") if errors else (detail or "unknown error")
+    if errors:  # "(00.1) Error (criu/cr-dump.c:2098): msg" -> "msg"
+        first = re.sub(r"^.*?Error\s*(?:\([^)]*\))?:?\s*", "", errors[0]).strip() or errors[0].strip()
+    else:
+        first = detail or "unknown error"
     return f"CRIU {action} failed: {first} (full log: {log_path})"
 
 

@@ -105,6 +105,11 @@ def load(snapshot: Path) -> dict:
     missing = [key for key in _REQUIRED if key not in manifest]
     if missing:
         raise SnapshotInvalid(f"{path} lacks {', '.join(missing)}", fix="take a new snapshot")
+    shapes = {"files": dict, "external_files": list, "server": dict, "canary": dict, "tree": dict}
+    wrong = [key for key, kind in shapes.items() if not isinstance(manifest[key], kind)]
+    if wrong or not all(isinstance(v, int) for v in manifest["files"].values()):
+        raise SnapshotInvalid(f"{path} is malformed ({', '.join(wrong) or 'files'} has the wrong type)",
+                              fix="take a new snapshot")
     verify_files(snapshot, manifest)
     return manifest
 

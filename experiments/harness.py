@@ -1,0 +1,75 @@
+"""What the demo and the benchmarks share: the bundled model, the CLI as a user runs it,
+and a description of the machine the numbers come from."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+SNAPSHOTS = ROOT / "snapshots"
+RESULTS = ROOT / "experiments" / "results"
+
+
+def bundled_model(size: str = "tiny") -> Path:
+    """The project's own model, built once (deterministic: seed 0) and reused."""
+    path = MODELS / size
+    if not (path / "config.json").is_file():
+        from fastvllm.model_maker import make_model
+
+        print(f"building the {size} model in {path} (once)", file=sys.stderr)
+        make_model(path, size=size)
+    return path
+
+
+def fastvllm(*args: str, timeout: float = 1200) -> tuple[dict, float]:
+    """Run ``fastvllm CMD --json ARGS``; returns (its JSON, wall seconds of the whole process)."""
+    cmd = [sys.executable, "-m", "fastvllm.cli", args[0], "--json", *args[1:]]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    wall = time.monotonic() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout), wall
+
+
+def stop_all() -> None:
+    subprocess.run([sys.executable, "-m", "fastvllm.cli", "stop", "--all"], capture_output=True)
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    disk = shutil.disk_usage(ROOT)
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "kernel": platform.release(), "disk_free_gib": round(disk.free / 2**30), "gpu": shutil.which("nvidia-smi") is not None}
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3), "n": len(values)}
