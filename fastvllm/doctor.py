@@ -93,7 +93,7 @@ def _io_uring() -> Check:
         sysctl = Path("/proc/sys/kernel/io_uring_disabled").read_text().strip()
     except OSError:
         sysctl = "absent"
-    from .io_uring_guard import guard_works
+    from .launcher import guard_works
 
     if guard_works():
         return Check("io_uring", True, f"blocked per process by fastvllm's seccomp guard "

@@ -2,7 +2,7 @@
 
 The server is started detached (its own session, stdin from /dev/null, output to a log
 file) so that its whole tree can be checkpointed without a terminal attached, and under
-:mod:`fastvllm.io_uring_guard` so that it never opens an io_uring CRIU cannot dump.
+:mod:`fastvllm.launcher` so that it never opens an io_uring CRIU cannot dump.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class ServerSpec:
         return f"http://{LOOPBACK if self.host in ('0.0.0.0', '::') else self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "fastvllm.io_uring_guard", sys.executable, "-m", VLLM_ENTRY,
+        return [sys.executable, "-m", "fastvllm.launcher", sys.executable, "-m", VLLM_ENTRY,
                 "--model", self.model, "--host", self.host, "--port", str(self.port), *self.extra_args]
 
     def environment(self) -> dict[str, str]:

@@ -13,10 +13,10 @@ from fastvllm.errors import FastvllmError
 from fastvllm.server import ServerSpec, ensure_port_free, free_port
 
 
-def test_command_runs_vllm_under_the_io_uring_guard_on_loopback():
+def test_command_runs_vllm_under_the_launcher_on_loopback():
     spec = ServerSpec(model="/models/tiny", port=8123, extra_args=["--max-model-len", "512"])
     cmd = spec.command()
-    assert cmd[:3] == [sys.executable, "-m", "fastvllm.io_uring_guard"]
+    assert cmd[:3] == [sys.executable, "-m", "fastvllm.launcher"]
     assert cmd[3:6] == [sys.executable, "-m", server.VLLM_ENTRY]
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--port") + 1] == "8123"

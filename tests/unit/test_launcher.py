@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fastvllm.io_uring_guard import guard_works
+from fastvllm.launcher import guard_works
 
 # Prints "<return value> <errno>" of io_uring_setup(1, params); 425 on every Linux arch.
 PROBE = (
@@ -29,7 +29,7 @@ def _probe(*prefix: str) -> tuple[int, int]:
     return int(fd), int(err)
 
 
-GUARD = (sys.executable, "-m", "fastvllm.io_uring_guard")
+GUARD = (sys.executable, "-m", "fastvllm.launcher")
 
 
 def test_guard_works_here():
@@ -60,7 +60,7 @@ def test_unguarded_probe_is_not_blocked():
 def test_guard_without_command_is_a_usage_error():
     proc = subprocess.run([*GUARD], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1
-    assert "usage: python -m fastvllm.io_uring_guard CMD" in proc.stderr
+    assert "usage: python -m fastvllm.launcher CMD" in proc.stderr
 
 
 def test_guard_passes_exit_status_and_args_through():
