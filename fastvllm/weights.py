@@ -1,0 +1,684 @@
+"""Model weights on disk: dump them to safetensors, check them, and stream them back fast.
+
+A server is put to sleep (level 2, weights freed) before its CRIU dump, so the image
+holds no weights; after restore the weights are streamed from safetensors files into
+vLLM's in-place ``reload_weights(weights_iterator=..., is_checkpoint_format=True)``.
+That reload is on the critical path of every restore, so the reader here is built to
+run at disk / page-cache speed:
+
+* **Plan** (:func:`plan_weights`): parse the safetensors headers into tensor entries in
+  file order and cut them into *chunks*: contiguous byte ranges of one file made of
+  whole *groups* (``name.rsplit(".", 2)[0]``, e.g. all of ``model.layers.3.self_attn``).
+* **Read** (:func:`iter_weights`): ``buffers`` preallocated chunk buffers rotate; a
+  thread pool ``preadv``-s slices of the next chunks into them while the consumer walks
+  the current one. Yielded tensors are views into the buffers (no per-tensor
+  allocation), so their lifetime is bounded; see :func:`iter_weights` for the contract.
+  vLLM's layerwise reload keeps the tensors of a layer until the whole layer has
+  arrived, which is why chunks never split a group.
+* **Dump / reference / verify** (:func:`dump_weights`, :func:`reference_weights`,
+  :func:`verify_weights`, :func:`check_against_model`): the files a snapshot depends
+  on, with sizes and sha256, and checks that they still match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from fastvllm.errors import FastvllmError
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+# Defaults chosen with `experiments/bench_weights.py --sweep` on models/small (0.93 GB,
+# bf16, 1 shard), page cache warm, 2-core VM, consumer copying every tensor into a
+# preallocated destination. See the module constants' comments for the numbers.
+DEFAULT_THREADS = 2
+DEFAULT_CHUNK_BYTES = 64 * MiB
+DEFAULT_BUFFERS = 2
+
+DEFAULT_SHARD_BYTES = 2 * GiB
+MIN_SLICE_BYTES = 4 * MiB  # a chunk is split among threads, but never into slices smaller than this
+MAX_IO_BYTES = 1 * GiB  # one preadv call; Linux returns at most ~2 GiB per call anyway
+CHUNK_ALIGN = 64  # chunks start 64-byte aligned, so buffer offsets keep the file's alignment
+HEADER_LIMIT = 100 * MiB  # same limit as the safetensors library: anything bigger is corrupt
+
+# safetensors dtype names -> torch dtypes (only those this torch build has).
+_DTYPE_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
+    "I32": "int32", "U32": "uint32", "I64": "int64", "U64": "uint64",
+    "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+    "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+}
+DTYPES: dict[str, torch.dtype] = {k: getattr(torch, v) for k, v in _DTYPE_NAMES.items() if hasattr(torch, v)}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+def group_of(name: str) -> str:
+    """The unit vLLM's layerwise reload waits for: q/k/v of one attention block, etc."""
+    return name.rsplit(".", 2)[0]
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as stored on disk. ``offset`` is absolute in ``file``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    offset: int
+    nbytes: int
+    needs_copy: bool = False  # set by chunking: an earlier run of a group split across chunks
+    chunk: int = -1
+
+    @property
+    def group(self) -> str:
+        return group_of(self.name)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def aligned(self) -> bool:
+        """Whether a dtype view straight into the chunk buffer is possible."""
+        return self.offset % self.torch_dtype.itemsize == 0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A contiguous byte range ``[offset, offset + nbytes)`` of one file, read as a unit."""
+
+    file: Path
+    offset: int
+    nbytes: int
+    entries: tuple[TensorEntry, ...]
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    """Everything the reader needs, decided before a byte of tensor data is read."""
+
+    files: tuple[Path, ...]
+    entries: tuple[TensorEntry, ...]
+    chunks: tuple[Chunk, ...]
+    chunk_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    @property
+    def max_chunk_bytes(self) -> int:
+        return max((c.nbytes for c in self.chunks), default=0)
+
+    @property
+    def copies(self) -> int:
+        return sum(e.needs_copy for e in self.entries)
+
+    def rechunk(self, chunk_bytes: int) -> WeightPlan:
+        """The same tensors cut into chunks of a different size (headers are not re-read)."""
+        return _make_plan(self.files, [replace(e, needs_copy=False, chunk=-1) for e in self.entries], chunk_bytes)
+
+
+def resolve_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[Path], dict[str, str] | None]:
+    """The shard files behind ``source`` (a model dir, an index json, one or more shards),
+    in load order, plus the index's weight map if there is one."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            index = path / "model.safetensors.index.json"
+            if index.is_file():
+                return _files_from_index(index)
+            if (path / "model.safetensors").is_file():
+                return [path / "model.safetensors"], None
+            found = sorted(path.glob("*.safetensors"))
+            if not found:
+                raise FastvllmError(f"no safetensors weights in {path}",
+                                    fix="point at a directory with model.safetensors or model.safetensors.index.json")
+            return found, None
+        if path.name.endswith(".json") and path.is_file():
+            return _files_from_index(path)
+        return [path], None
+    return [Path(p) for p in source], None
+
+
+def _files_from_index(index: Path) -> tuple[list[Path], dict[str, str]]:
+    """HF sharded layout: shard names from ``weight_map``, sorted (they are numbered)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FastvllmError(f"weights index {index} is unreadable or corrupt ({_one_line(err)})") from None
+    files = sorted(set(weight_map.values()))
+    return [index.parent / f for f in files], weight_map
+
+
+def read_header(path: Path) -> tuple[list[TensorEntry], int]:
+    """Parse one safetensors header (8-byte little-endian length + JSON) into entries
+    with absolute offsets, checking every tensor's bytes are inside the file."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise FastvllmError(f"weights file {path} is truncated ({size} bytes, no safetensors header)",
+                                    fix=_REFETCH)
+            n = int.from_bytes(head, "little")
+            if n > HEADER_LIMIT:
+                raise FastvllmError(f"weights file {path} has a corrupt safetensors header (length {n})", fix=_REFETCH)
+            if 8 + n > size:
+                raise FastvllmError(f"weights file {path} is truncated: header needs {8 + n} bytes, file has {size}",
+                                    fix=_REFETCH)
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise FastvllmError(f"weights file {path} is missing", fix=_REFETCH) from None
+    except IsADirectoryError:
+        raise FastvllmError(f"weights file {path} is a directory") from None
+    except PermissionError:
+        raise FastvllmError(f"weights file {path} is not readable (permission denied)") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        entries = [_entry(path, name, info, 8 + n) for name, info in header.items() if name != "__metadata__"]
+    except (UnicodeDecodeError, ValueError, TypeError, KeyError) as err:
+        raise FastvllmError(f"weights file {path} has a corrupt safetensors header ({_one_line(err)})",
+                            fix=_REFETCH) from None
+    for e in entries:
+        if e.offset + e.nbytes > size:
+            raise FastvllmError(f"weights file {path} is truncated: tensor {e.name} ends at byte "
+                                f"{e.offset + e.nbytes}, file has {size}", fix=_REFETCH)
+    entries.sort(key=lambda e: e.offset)
+    return entries, size
+
+
+_REFETCH = "re-dump the weights or point at the original model directory"
+
+
+def _entry(path: Path, name: str, info: dict, data_start: int) -> TensorEntry:
+    """One header record, validated: known dtype, sane shape, size consistent with it."""
+    dtype = info["dtype"]
+    if dtype not in DTYPES:
+        raise ValueError(f"tensor {name}: unsupported dtype {dtype!r}")
+    shape = tuple(int(d) for d in info["shape"])
+    begin, end = (int(x) for x in info["data_offsets"])
+    numel = math.prod(shape)
+    if min(shape, default=0) < 0 or begin < 0 or end - begin != numel * DTYPES[dtype].itemsize:
+        raise ValueError(f"tensor {name}: shape {list(shape)} and data_offsets {[begin, end]} disagree")
+    return TensorEntry(name, dtype, shape, path, data_start + begin, end - begin)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200] or type(err).__name__
+
+
+def plan_weights(source: str | os.PathLike | Sequence[str | os.PathLike], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> WeightPlan:
+    """Read the headers of ``source`` and cut its tensors into chunks of whole groups."""
+    if chunk_bytes < 1:
+        raise ValueError("chunk_bytes must be positive")
+    files, weight_map = resolve_files(source)
+    entries: list[TensorEntry] = []
+    for path in files:
+        file_entries, _ = read_header(path)
+        entries += file_entries
+    if weight_map is not None:
+        where = {e.name: e.file.name for e in entries}
+        for name, fname in weight_map.items():
+            if where.get(name) != fname:
+                raise FastvllmError(f"weights index in {files[0].parent} lists {name} in {fname}, "
+                                    f"but that file does not contain it", fix=_REFETCH)
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise FastvllmError(f"tensor {dup} appears in more than one weights file under {files[0].parent}")
+    return _make_plan(tuple(files), entries, chunk_bytes)
+
+
+def _runs(entries: list[TensorEntry]) -> list[list[TensorEntry]]:
+    """Maximal stretches of consecutive entries of one file and one group."""
+    runs: list[list[TensorEntry]] = []
+    for e in entries:
+        if runs and runs[-1][-1].file == e.file and runs[-1][-1].group == e.group:
+            runs[-1].append(e)
+        else:
+            runs.append([e])
+    return runs
+
+
+def _make_plan(files: tuple[Path, ...], entries: list[TensorEntry], chunk_bytes: int) -> WeightPlan:
+    """Pack runs into chunks (in file order, up to ``chunk_bytes``; a bigger run gets its
+    own chunk), then mark ``needs_copy`` on tensors whose group continues in a later
+    chunk: their buffer may be refilled before that group is complete."""
+    order = {f: i for i, f in enumerate(files)}
+    entries = sorted(entries, key=lambda e: (order[e.file], e.offset))
+    chunk_runs: list[list[list[TensorEntry]]] = []
+    for run in _runs(entries):
+        cur = chunk_runs[-1] if chunk_runs else None
+        if cur and cur[-1][-1].file == run[0].file and _span(cur[0][0], run[-1]) <= chunk_bytes:
+            cur.append(run)
+        else:
+            chunk_runs.append([run])
+    last_chunk: dict[str, int] = {}
+    for ci, runs in enumerate(chunk_runs):
+        for run in runs:
+            last_chunk[run[0].group] = ci
+    chunks, out = [], []
+    for ci, runs in enumerate(chunk_runs):
+        members = tuple(replace(e, chunk=ci, needs_copy=last_chunk[e.group] > ci) for run in runs for e in run)
+        start = members[0].offset - members[0].offset % CHUNK_ALIGN
+        end = max(e.offset + e.nbytes for e in members)
+        chunks.append(Chunk(members[0].file, start, end - start, members))
+        out += members
+    return WeightPlan(files, tuple(out), tuple(chunks), chunk_bytes)
+
+
+def _span(first: TensorEntry, last: TensorEntry) -> int:
+    return last.offset + last.nbytes - first.offset
+
+
+# --------------------------------------------------------------------------- copy engines
+
+
+class CopyEngine(Protocol):
+    """Where tensors go after they are read, and how the reader knows a buffer is free.
+
+    The reader calls, per chunk: ``copy`` for each tensor, then ``record`` once; the
+    returned event is passed to ``publish`` before the chunk's first tensor is yielded,
+    and to ``wait`` before the chunk's buffer is refilled.
+    """
+
+    independent: bool  # copy() returns tensors that do not alias the chunk buffer
+
+    def alloc(self, nbytes: int) -> torch.Tensor: ...
+    def copy(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def record(self) -> Any: ...
+    def publish(self, event: Any) -> None: ...
+    def wait(self, event: Any) -> None: ...
+
+
+class CpuCopyEngine:
+    """Tensors stay in the (pageable) chunk buffers; nothing is asynchronous."""
+
+    independent = False
+
+    def alloc(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def record(self) -> None:
+        return None
+
+    def publish(self, event: None) -> None:
+        pass
+
+    def wait(self, event: None) -> None:
+        pass
+
+
+class CudaCopyEngine:
+    """Pinned chunk buffers, copied to the GPU on a side stream so the H2D copy of a
+    chunk overlaps the disk read of the next one."""
+
+    independent = True
+
+    def __init__(self, device: str | torch.device):
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device)
+
+    def alloc(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        with torch.cuda.stream(self.stream):
+            out = tensor.to(self.device, non_blocking=True)
+        # Allocated on the side stream, used on the consumer's: keep the caching
+        # allocator from reusing it before the consumer's work on it is done.
+        out.record_stream(torch.cuda.current_stream(self.device))
+        return out
+
+    def record(self) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def publish(self, event: torch.cuda.Event) -> None:
+        torch.cuda.current_stream(self.device).wait_event(event)
+
+    def wait(self, event: torch.cuda.Event) -> None:
+        event.synchronize()
+
+
+def copy_engine_for(device: str | torch.device) -> CopyEngine:
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return CpuCopyEngine()
+    if dev.type == "cuda":
+        return CudaCopyEngine(dev)
+    raise ValueError(f"unsupported device for weight streaming: {dev}")
+
+
+# --------------------------------------------------------------------------- reader
+
+
+@dataclass
+class ReadStats:
+    """What one pass of :func:`iter_weights` did. ``wait_seconds``: time the consumer
+    spent blocked on reads (0 means the reader kept ahead)."""
+
+    bytes_read: int = 0
+    seconds: float = 0.0
+    wait_seconds: float = 0.0
+    chunks: int = 0
+    tensors: int = 0
+    copies: int = 0
+    threads: int = 0
+    chunk_bytes: int = 0
+    buffers: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {**{k: v for k, v in asdict(self).items() if k != "extra"}, "gb_per_s": round(self.gb_per_s, 3)}
+
+
+def iter_weights(source: WeightPlan | str | os.PathLike | Sequence[str | os.PathLike], *,
+                 threads: int = DEFAULT_THREADS, chunk_bytes: int | None = None,
+                 buffers: int = DEFAULT_BUFFERS, device: str | torch.device = "cpu",
+                 stats: ReadStats | dict | None = None,
+                 engine: CopyEngine | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every tensor of ``source``, in file order.
+
+    The plan is made (headers parsed, files checked) at call time, so a missing or
+    corrupt file raises :class:`FastvllmError` here; reading starts at the first ``next``.
+
+    Lifetime contract (CPU): a yielded tensor is a view into a chunk buffer. It stays
+    valid until the consumer asks for the first tensor of the *next* chunk after its
+    own, i.e. it survives while the consumer receives every other tensor of its chunk.
+    Chunks hold whole groups (``name.rsplit(".", 2)[0]``), so when a group's last tensor
+    arrives, all of that group's tensors are still valid; a group whose tensors are not
+    contiguous in the file gets clones (``needs_copy``) for the parts in earlier chunks.
+    Anything kept longer than its group must be cloned by the consumer. Iterate to the
+    end or ``close()`` the iterator: that stops and joins the reader threads.
+
+    On CUDA, yielded tensors are fresh device tensors (independent of the buffers),
+    ordered on the consumer's current stream after their chunk's copies.
+    """
+    if threads < 1 or buffers < 2:
+        raise ValueError("need threads >= 1 and buffers >= 2")
+    if isinstance(source, WeightPlan):
+        plan = source if chunk_bytes in (None, source.chunk_bytes) else source.rechunk(chunk_bytes)
+    else:
+        plan = plan_weights(source, chunk_bytes or DEFAULT_CHUNK_BYTES)
+    if isinstance(stats, ReadStats):
+        stats.threads, stats.chunk_bytes, stats.buffers = threads, plan.chunk_bytes, buffers
+    return _stream(plan, threads, buffers, engine or copy_engine_for(device), stats)
+
+
+def _stream(plan: WeightPlan, threads: int, buffers: int, engine: CopyEngine,
+            stats: ReadStats | dict | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The rotation: chunk c is read into buffer c % k; buffer c % k is refilled with
+    chunk c + k only after the consumer asked for the tensor following chunk c's last
+    one and the engine's event for chunk c has completed."""
+    st = stats if isinstance(stats, ReadStats) else ReadStats(threads=threads, chunk_bytes=plan.chunk_bytes,
+                                                              buffers=buffers)
+    start = time.perf_counter()
+    chunks = plan.chunks
+    k = min(buffers, len(chunks))
+    inflight: dict[int, list[Future]] = {}
+    fds: dict[Path, int] = {}
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastvllm-weights")
+    try:
+        bufs = [engine.alloc(plan.max_chunk_bytes) for _ in range(k)]
+        views = [memoryview(b.numpy()) for b in bufs]
+        for path in plan.files:
+            fds[path] = _open(path)
+        for c in range(k):
+            inflight[c] = _submit(pool, fds, chunks[c], views[c], threads)
+        for c, chunk in enumerate(chunks):
+            t0 = time.perf_counter()
+            for fut in inflight.pop(c):
+                fut.result()
+            st.wait_seconds += time.perf_counter() - t0
+            out = [(e.name, _tensor(bufs[c % k], chunk, e, engine, st)) for e in chunk.entries]
+            event = engine.record()
+            engine.publish(event)
+            st.bytes_read += chunk.nbytes
+            st.chunks += 1
+            for item in out:
+                st.tensors += 1
+                yield item
+            del out, item
+            # The consumer has asked for the next tensor: chunk c is done with.
+            if c + k < len(chunks):
+                engine.wait(event)
+                inflight[c + k] = _submit(pool, fds, chunks[c + k], views[c % k], threads)
+    finally:
+        for futs in inflight.values():
+            for fut in futs:
+                fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        for fd in fds.values():
+            os.close(fd)
+        st.seconds = time.perf_counter() - start
+        if isinstance(stats, dict):
+            stats.update(st.as_dict())
+
+
+def _open(path: Path) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FastvllmError(f"weights file {path} is missing", fix=_REFETCH) from None
+    except OSError as err:
+        raise FastvllmError(f"weights file {path} cannot be opened ({_one_line(err)})") from None
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    except (AttributeError, OSError):
+        pass
+    return fd
+
+
+def _submit(pool: ThreadPoolExecutor, fds: dict[Path, int], chunk: Chunk, view: memoryview,
+            threads: int) -> list[Future]:
+    """Split a chunk into at most ``threads`` slices (>= MIN_SLICE_BYTES, 4 KiB aligned)."""
+    if chunk.nbytes == 0:
+        return []
+    n = max(1, min(threads, chunk.nbytes // MIN_SLICE_BYTES))
+    step = -(-chunk.nbytes // n)
+    step += -step % (4 * KiB)
+    fd = fds[chunk.file]
+    return [pool.submit(_read_into, fd, view[lo:min(lo + step, chunk.nbytes)], chunk.offset + lo, chunk.file)
+            for lo in range(0, max(chunk.nbytes, 1), step)]
+
+
+def _read_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    """Fill ``view`` from ``fd`` at ``offset``, looping over short reads."""
+    done, want = 0, len(view)
+    while done < want:
+        got = os.preadv(fd, [view[done:min(want, done + MAX_IO_BYTES)]], offset + done)
+        if got == 0:
+            raise FastvllmError(f"weights file {path} is truncated: expected {want - done} more bytes at "
+                                f"offset {offset + done}", fix=_REFETCH)
+        done += got
+
+
+def _tensor(buf: torch.Tensor, chunk: Chunk, e: TensorEntry, engine: CopyEngine, st: ReadStats) -> torch.Tensor:
+    """A view of ``e`` in the chunk buffer (or an owned copy when it must outlive it),
+    handed to the engine."""
+    lo = e.offset - chunk.offset
+    raw = buf[lo:lo + e.nbytes]
+    if not e.aligned or (e.needs_copy and not engine.independent):
+        t = torch.empty(e.shape, dtype=e.torch_dtype)
+        t.reshape(-1).view(torch.uint8).copy_(raw)
+        st.copies += 1
+    else:
+        t = raw.view(e.torch_dtype).reshape(e.shape)
+    return engine.copy(t)
+
+
+# --------------------------------------------------------------------------- dump / manifest
+
+
+def dump_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path,
+                 shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+    """Write tensors as HF-style sharded safetensors plus ``model.safetensors.index.json``.
+
+    Tensors are reordered so each group is contiguous (groups in first-seen order),
+    and a group never spans two shards, so the reader needs no copies. Not
+    ``safetensors.torch.save_file``: it sorts tensors by dtype then name, which splits
+    groups (``model.layers.3.input_layernorm`` lands between ``mlp`` and ``self_attn``).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(out_dir.glob("model*.safetensors*")):
+        raise FastvllmError(f"{out_dir} already contains weights", fix="dump into an empty directory")
+    groups: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    seen: set[str] = set()
+    for name, tensor in named_tensors:
+        if name in seen:
+            raise ValueError(f"tensor {name} given twice")
+        if tensor.dtype not in DTYPE_NAMES:
+            raise ValueError(f"tensor {name}: dtype {tensor.dtype} has no safetensors name")
+        seen.add(name)
+        groups.setdefault(group_of(name), []).append((name, tensor))
+    shards = _pack_shards([sorted(g, key=lambda nt: -nt[1].element_size()) for g in groups.values()], shard_bytes)
+    files, weight_map, total = [], {}, 0
+    for i, shard in enumerate(shards, 1):
+        path = out_dir / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        files.append(_write_safetensors(path, shard))
+        for name, t in shard:
+            weight_map[name] = path.name
+            total += t.numel() * t.element_size()
+    index = out_dir / "model.safetensors.index.json"
+    _atomic_write(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2).encode())
+    files.append(_file_record(index))
+    return {"mode": "copied", "dir": str(out_dir.resolve()), "total_size": total, "files": files}
+
+
+def _pack_shards(groups: list[list[tuple[str, torch.Tensor]]], shard_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """Whole groups, in order, up to ``shard_bytes`` per shard (a bigger group alone)."""
+    shards: list[list[tuple[str, torch.Tensor]]] = []
+    size = 0
+    for g in groups:
+        g_bytes = sum(t.numel() * t.element_size() for _, t in g)
+        if not shards or (size + g_bytes > shard_bytes and shards[-1]):
+            shards.append([])
+            size = 0
+        shards[-1] += g
+        size += g_bytes
+    return shards or [[]]
+
+
+def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> dict:
+    """The safetensors format, in the given tensor order; returns the file's record."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in tensors:
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    sha = hashlib.sha256()
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        for block in [len(raw).to_bytes(8, "little"), raw]:
+            f.write(block)
+            sha.update(block)
+        for _, t in tensors:
+            data = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            f.write(data)
+            sha.update(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": sha.hexdigest()}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _file_record(path: Path) -> dict:
+    return {"path": str(Path(path).resolve()), "size": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
+def sha256_file(path: Path, block: int = 16 * MiB) -> str:
+    sha = hashlib.sha256()
+    buf = bytearray(block)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            sha.update(view[:n])
+    return sha.hexdigest()
+
+
+def reference_weights(model_dir: Path) -> dict:
+    """The manifest of a model dir's own safetensors (and index), instead of a copy."""
+    model_dir = Path(model_dir)
+    plan = plan_weights(model_dir)
+    paths = list(plan.files)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        paths.append(index)
+    return {"mode": "referenced", "dir": str(model_dir.resolve()), "total_size": plan.total_bytes,
+            "files": [_file_record(p) for p in paths]}
+
+
+def verify_weights(manifest: dict, *, check_sha: bool = False) -> None:
+    """Raise if a file of ``manifest`` is missing, has another size, or (``check_sha``)
+    other contents than when the manifest was made."""
+    for rec in manifest["files"]:
+        path = Path(rec["path"])
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise FastvllmError(f"weights file {path} is missing", fix=_REFETCH) from None
+        if size != rec["size"]:
+            raise FastvllmError(f"weights file {path} has changed: {size} bytes, expected {rec['size']}", fix=_REFETCH)
+        if check_sha and rec.get("sha256") and sha256_file(path) != rec["sha256"]:
+            raise FastvllmError(f"weights file {path} has changed: sha256 differs", fix=_REFETCH)
+
+
+def check_against_model(plan: WeightPlan, expected: dict[str, tuple[Sequence[int], torch.dtype | str]], *,
+                        allow_extra: bool = True) -> None:
+    """Raise on the first tensor the model expects that the plan lacks or has with
+    another shape or dtype (and, unless ``allow_extra``, on tensors it does not expect)."""
+    have = {e.name: e for e in plan.entries}
+    for name, (shape, dtype) in expected.items():
+        e = have.get(name)
+        want_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if e is None:
+            raise FastvllmError(f"weights do not match the model: tensor {name} is missing")
+        if tuple(e.shape) != tuple(shape):
+            raise FastvllmError(f"weights do not match the model: {name} has shape {list(e.shape)}, "
+                                f"model expects {list(shape)}")
+        if e.torch_dtype != want_dtype:
+            raise FastvllmError(f"weights do not match the model: {name} is {e.torch_dtype}, model expects {want_dtype}")
+    if not allow_extra:
+        extra = next((n for n in have if n not in expected), None)
+        if extra is not None:
+            raise FastvllmError(f"weights do not match the model: unexpected tensor {extra}")

