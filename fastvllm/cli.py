@@ -82,11 +82,17 @@ def serve(ctx: typer.Context, model: str = typer.Argument(..., help="Model direc
 def snapshot(ctx: typer.Context, model: str = typer.Argument(..., help="Model directory or hub id."),
              out: Optional[Path] = typer.Option(None, "--out", "-o", help="Snapshot directory to create."),
              port: int = typer.Option(server.DEFAULT_PORT, help="Port the server (and every restore) listens on."),
+             level: int = typer.Option(2, help="2: release weights and KV cache before the dump and reload "
+                                                "the weights on restore (small image); 0: whole process."),
+             copy_weights: bool = typer.Option(False, "--copy-weights",
+                                               help="Level 2: copy the safetensors into the snapshot "
+                                                    "instead of referencing the model directory."),
              as_json: bool = typer.Option(False, "--json")):
     """Start MODEL's server, warm it, record a canary, and CRIU-dump the whole process tree."""
     from .snapshot import take_snapshot
 
-    result = take_snapshot(model, out, port, list(ctx.args), Progress(quiet=as_json))
+    result = take_snapshot(model, out, port, list(ctx.args), Progress(quiet=as_json), level=level,
+                           copy_weights=copy_weights)
     _emit(result, as_json, [f"snapshot written to {result['snapshot']} "
                             f"({result['image_bytes'] / 2**20:.0f} MiB of CRIU images)",
                             _timings_line(result["timings"])])
@@ -94,11 +100,19 @@ def snapshot(ctx: typer.Context, model: str = typer.Argument(..., help="Model di
 
 @app.command()
 def restore(snapshot: Path = typer.Argument(..., help="Snapshot directory."),
+            loader: str = typer.Option("fast", help="Level 2: 'fast' (fastvllm's parallel reader) or "
+                                                    "'vllm' (vLLM's own reload_weights)."),
+            threads: Optional[int] = typer.Option(None, help="Level 2 fast loader: reader threads."),
+            chunk_mb: Optional[int] = typer.Option(None, help="Level 2 fast loader: chunk size in MiB."),
+            buffers: Optional[int] = typer.Option(None, help="Level 2 fast loader: rotating chunk buffers (>= 2)."),
             as_json: bool = typer.Option(False, "--json")):
     """Restore a snapshot's server (same port), check its canary, leave it serving."""
     from .restore import restore_snapshot
 
-    result = restore_snapshot(snapshot, Progress(quiet=as_json))
+    if loader not in ("fast", "vllm"):
+        raise FastvllmError(f"unknown --loader {loader}", fix="use fast or vllm")
+    tuning = {"threads": threads, "chunk_bytes": chunk_mb * 2**20 if chunk_mb else None, "buffers": buffers}
+    result = restore_snapshot(snapshot, Progress(quiet=as_json), loader=loader, tuning=tuning)
     _emit(result, as_json, [f"serving again at {result['endpoint']} (pids {result['pids']})",
                             _timings_line(result["timings"])])
 

@@ -10,6 +10,8 @@ Layout::
     manifest.json        what was snapshotted, with versions, canary, file sizes
     criu/                CRIU images of the whole server process tree
     external/            /dev/shm objects and the server log at dump time
+    weights/             level 2 with --copy-weights: the model's safetensors (otherwise the
+                         manifest references the model directory's files, with checksums)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ FORMAT = "fastvllm-snapshot"
 FORMAT_VERSION = 1
 CRIU_DIR = "criu"
 EXTERNAL_DIR = "external"
+WEIGHTS_DIR = "weights"
 _REQUIRED = ("format", "format_version", "model", "server", "canary", "tree", "files", "external_files")
 
 

@@ -9,11 +9,13 @@ directory itself is only ever read.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
-from . import criu_ops, external_files, manifest, registry, server
+from . import criu_ops, engine, external_files, manifest, registry, server, weights
 from .errors import FastvllmError, ServerFailed, SnapshotInvalid
+from .snapshot import weight_files
 from .progress import Progress
 
 HEALTH_TIMEOUT_S = float(os.environ.get("FASTVLLM_RESTORE_HEALTH_TIMEOUT", "300"))
@@ -24,6 +26,8 @@ def preflight(snapshot: Path, criu: criu_ops.Criu | None = None) -> tuple[dict, 
     meta = manifest.load(snapshot)
     criu = criu or criu_ops.find_criu()
     _check_versions(meta, criu)
+    if meta.get("level", 0) == 2:
+        _check_weights(meta, snapshot)
     srv = meta["server"]
     server.ensure_port_free(srv["host"], srv["port"])
     pids = meta["tree"]["pids"]
@@ -38,6 +42,45 @@ def preflight(snapshot: Path, criu: criu_ops.Criu | None = None) -> tuple[dict, 
     return meta, criu
 
 
+def _check_weights(meta: dict, snapshot: Path) -> None:
+    """Sizes of the weight files and their tensor table (names, shapes, dtypes) must match
+    what the snapshot's model was loaded with; checksums are checked during restore."""
+    record = meta.get("weights")
+    if not isinstance(record, dict) or not record.get("files") or not isinstance(record.get("tensors"), dict):
+        raise SnapshotInvalid("level-2 snapshot has no usable weight record", fix="take a new snapshot")
+    located = dict(record, files=[dict(item, path=path) for item, path in
+                                  zip(record["files"], weight_files(record, snapshot))])
+    try:
+        weights.verify_weights(located, check_sha=False)
+        shards = [item["path"] for item in located["files"] if item["path"].endswith(".safetensors")]
+        weights.check_against_model(weights.plan_weights(shards), record["tensors"], allow_extra=False)
+    except FastvllmError as exc:
+        raise SnapshotInvalid(exc.message, fix=exc.fix or "restore needs the weights the snapshot was taken "
+                              "with: put them back, or take a new snapshot") from None
+
+
+class _ChecksumCheck(threading.Thread):
+    """sha256 of every weight file, run beside CRIU restore (hashlib drops the GIL)."""
+
+    def __init__(self, record: dict, snapshot: Path):
+        super().__init__(daemon=True, name="fastvllm-checksums")
+        self.located = dict(record, files=[dict(item, path=path) for item, path in
+                                           zip(record["files"], weight_files(record, snapshot))])
+        self.error: FastvllmError | None = None
+
+    def run(self) -> None:
+        try:
+            weights.verify_weights(self.located, check_sha=True)
+        except FastvllmError as exc:
+            self.error = exc
+
+    def result(self) -> None:
+        self.join()
+        if self.error:
+            raise SnapshotInvalid(self.error.message, fix="the weight files changed since the snapshot; "
+                                  "put the original ones back or take a new snapshot")
+
+
 def _check_versions(meta: dict, criu: criu_ops.Criu) -> None:
     """Restored memory holds the old Python/torch/vLLM code: the libraries must be identical."""
     recorded = meta.get("versions", {})
@@ -49,8 +92,13 @@ def _check_versions(meta: dict, criu: criu_ops.Criu) -> None:
                 fix="restore with the same software it was taken with, or take a new snapshot here")
 
 
-def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_canary: bool = True) -> dict:
-    """Restore ``snapshot`` and return endpoint, PIDs and timings (seconds since start)."""
+def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_canary: bool = True,
+                     loader: str = "fast", tuning: dict | None = None) -> dict:
+    """Restore ``snapshot`` and return endpoint, PIDs and timings (seconds since start).
+
+    For a level-2 snapshot the weights are reloaded after CRIU restore, by fastvllm's fast
+    reader (``loader="fast"``) or by vLLM's own loader from the model dir (``"vllm"``).
+    """
     progress = progress or Progress()
     snapshot = snapshot.absolute()
     with progress.step("checking snapshot, CRIU, port and PIDs"):
@@ -60,7 +108,12 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
     written: list[str] = []
     pids: list[int] = list(meta["tree"]["pids"])
     root_pid = None
+    level = meta.get("level", 0)
+    checksums = _ChecksumCheck(meta["weights"], snapshot) if level == 2 else None
+    timings: dict[str, float] = {}
     try:
+        if checksums:
+            checksums.start()
         with progress.step(f"restoring {len(pids)} processes with CRIU {criu.version_str}"):
             written = external_files.put_back(saved, snapshot / manifest.EXTERNAL_DIR)
             root_pid, _ = criu_ops.restore_tree(criu, snapshot / manifest.CRIU_DIR)
@@ -71,6 +124,14 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
         with progress.step("waiting for /health"):
             server.wait_healthy(endpoint, root_pid, HEALTH_TIMEOUT_S, Path(meta.get("log", "")) or None)
         healthy_s = progress.elapsed()
+        if level == 2:
+            checksums.result()
+            files = weight_files(meta["weights"], snapshot)
+            with progress.step(f"reloading {meta['weights']['weight_bytes'] / 2**20:.0f} MiB of weights ({loader})"):
+                reloaded = engine.reload(endpoint, files, loader=loader, model_dir=meta["model"],
+                                         plat=meta["server"].get("platform"), **(tuning or {}))
+            timings["weights_s"] = round(progress.elapsed(), 3)
+            timings["reload"] = reloaded["workers"]
         canary = meta["canary"]
         _, text = server.complete(endpoint, meta["served_model_name"], canary["prompt"], canary["max_tokens"])
         first_token_s = progress.elapsed()
@@ -86,9 +147,13 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
             server.kill_tree(server.tree_pids(root_pid) or [root_pid])
         external_files.remove(p for p in written if p.startswith(str(external_files.SHM_DIR)))
         raise
-    return {"snapshot": str(snapshot), "endpoint": endpoint, "pids": pids,
-            "timings": {"restore_s": round(restore_s, 3), "healthy_s": round(healthy_s, 3),
-                        "first_token_s": round(first_token_s, 3), "total_s": round(progress.elapsed(), 3)}}
+    reload_detail = timings.pop("reload", None)
+    result = {"snapshot": str(snapshot), "endpoint": endpoint, "pids": pids, "level": level,
+              "timings": {"restore_s": round(restore_s, 3), "healthy_s": round(healthy_s, 3), **timings,
+                          "first_token_s": round(first_token_s, 3), "total_s": round(progress.elapsed(), 3)}}
+    if reload_detail is not None:
+        result["reload"] = reload_detail
+    return result
 
 
 def wait_gone(pids: list[int], timeout: float = 30.0) -> None:

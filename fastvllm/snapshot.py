@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import time
 from pathlib import Path
 
-from . import criu_ops, external_files, manifest, registry, server
+from . import criu_ops, engine, external_files, manifest, registry, server, weights
 from .errors import FastvllmError
 from .paths import logs_dir
 from .progress import Progress
@@ -38,14 +39,44 @@ def resolve_model(model: str) -> str:
     return model
 
 
+def weights_source(model: str) -> Path:
+    """The directory holding the model's safetensors (a local dir, or the hub cache)."""
+    path = Path(model)
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(model, local_files_only=True))
+        except Exception:  # noqa: BLE001 - any failure means: no local copy
+            raise FastvllmError(f"level 2 needs the weights of {model} on local disk as safetensors",
+                                fix="pass a local model directory, or use --level 0") from None
+    if not list(path.glob("*.safetensors")):
+        raise FastvllmError(f"{path} holds no .safetensors files, which level 2 reloads from",
+                            fix="convert the checkpoint to safetensors, or use --level 0")
+    return path
+
+
 def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAULT_PORT,
-                  extra_args: list[str] | None = None, progress: Progress | None = None) -> dict:
-    """Snapshot a freshly started, warmed server of ``model`` into ``out``; returns the result."""
+                  extra_args: list[str] | None = None, progress: Progress | None = None,
+                  level: int = 2, copy_weights: bool = False) -> dict:
+    """Snapshot a freshly started, warmed server of ``model`` into ``out``; returns the result.
+
+    Level 2 releases weights and KV cache before the dump, so the image holds neither; the
+    weights are referenced (or, with ``copy_weights``, copied) as safetensors for restore.
+    """
+    if level not in (0, 2):
+        raise FastvllmError(f"--level {level} is not supported", fix="use --level 2 (default) or --level 0")
     progress = progress or Progress()
     model = resolve_model(model)
     out = (out or default_out(model)).absolute()
     criu = criu_ops.find_criu()
-    spec = server.ServerSpec(model=model, port=port, extra_args=list(extra_args or []))
+    args, env = list(extra_args or []), {}
+    weight_dir = None
+    if level == 2:
+        weight_dir = weights_source(model)
+        more_args, env = engine.level2_server_options()
+        args += [a for a in more_args if a not in args]
+    spec = server.ServerSpec(model=model, port=port, extra_args=args, env=env)
     server.ensure_port_free(spec.host, spec.port)
     tmp = manifest.prepare_target(out)
     log_path = logs_dir() / f"server-{secrets.token_hex(6)}.log"
@@ -65,6 +96,12 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
         first_token_s = progress.elapsed()
         _, canary = server.complete(spec.endpoint, name, server.CANARY_PROMPT)
         progress.note(f"canary completion: {canary!r}")
+        weight_record, released = None, None
+        if level == 2:
+            with progress.step("recording weights" + (" (copying)" if copy_weights else "")):
+                weight_record = _record_weights(weight_dir, tmp, copy_weights)
+            with progress.step("sleep level 2: releasing weights and KV cache"):
+                released = engine.release(spec.endpoint)
 
         pids = server.tree_pids(proc.pid)
         shm = external_files.shm_paths_of(pids)
@@ -85,11 +122,14 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
                 "format": manifest.FORMAT,
                 "format_version": manifest.FORMAT_VERSION,
                 "created_at": manifest.now_iso(),
-                "level": 0,
+                "level": level,
+                "weights": weight_record,
+                "released": released,
                 "model": model,
                 "served_model_name": name,
                 "server": {"host": spec.host, "port": spec.port, "endpoint": spec.endpoint,
-                           "extra_args": spec.extra_args, "command": spec.command(),
+                           "extra_args": spec.extra_args, "command": spec.command(), "env": spec.env,
+                           "platform": engine.platform(),
                            "kv_cache_gib": spec.environment()["VLLM_CPU_KVCACHE_SPACE"]},
                 "versions": manifest.host_versions(criu.version_str),
                 "canary": {"prompt": server.CANARY_PROMPT, "max_tokens": server.CANARY_TOKENS,
@@ -102,7 +142,7 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
         external_files.remove(shm)
         registry.remove(proc.pid)
         result = manifest.load(out)
-        return {"snapshot": str(out), "image_bytes": result["image_bytes"],
+        return {"snapshot": str(out), "image_bytes": result["image_bytes"], "level": level,
                 "timings": {"healthy_s": round(healthy_s, 3), "first_token_s": round(first_token_s, 3),
                             "dump_s": round(dump_s, 3), "total_s": round(progress.elapsed(), 3)}}
     except BaseException:
@@ -113,3 +153,32 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
             # A tree killed by CRIU (or SIGKILL) cannot clean its own /dev/shm objects.
             external_files.remove(shm | (external_files.link_remaps_in_shm() - (remaps_before if pids else set())))
         raise
+
+
+def _record_weights(model_dir: Path, tmp: Path, copy: bool) -> dict:
+    """Reference the model's safetensors (or copy them into the snapshot), with sizes,
+    checksums and the tensor table that restore checks the files against."""
+    if copy:
+        dest = tmp / manifest.WEIGHTS_DIR
+        dest.mkdir(mode=0o700)
+        for src in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.safetensors.index.json")):
+            shutil.copyfile(src, dest / src.name)
+            os.chmod(dest / src.name, 0o600)
+        record = weights.reference_weights(dest)
+        record["mode"] = "copied"
+        record["dir"] = manifest.WEIGHTS_DIR
+        for item in record["files"]:
+            item["path"] = f"{manifest.WEIGHTS_DIR}/{Path(item['path']).name}"
+    else:
+        record = weights.reference_weights(model_dir)
+    plan = weights.plan_weights([f for f in weight_files(record, tmp) if f.endswith(".safetensors")])
+    record["tensors"] = {e.name: [list(e.shape), e.dtype] for e in plan.entries}
+    record["weight_bytes"] = plan.total_bytes
+    return record
+
+
+def weight_files(record: dict, snapshot: Path) -> list[str]:
+    """Absolute paths of a weight record's files (copied ones live inside the snapshot)."""
+    if record["mode"] == "copied":
+        return [str(snapshot / item["path"]) for item in record["files"]]
+    return [item["path"] for item in record["files"]]

@@ -120,8 +120,9 @@ class FastvllmWorkerExtension:
                 from .weights import iter_weights
 
                 device = req.get("device") or str(getattr(self, "device", "cpu"))
-                weights = iter_weights(req["files"], threads=req.get("threads"), chunk_bytes=req.get("chunk_bytes"),
-                                       buffers=req.get("buffers"), device=device, stats=stats)
+                tuning = {k: req[k] for k in ("threads", "chunk_bytes", "buffers") if req.get(k)}
+                shards = [f for f in req["files"] if f.endswith(".safetensors")]
+                weights = iter_weights(shards, device=device, stats=stats, **tuning)
                 self.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
         self._fastvllm_released = None
         gc.collect()
