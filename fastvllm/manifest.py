@@ -35,14 +35,20 @@ WEIGHTS_DIR = "weights"
 _REQUIRED = ("format", "format_version", "model", "server", "canary", "tree", "files", "external_files")
 
 
-def prepare_target(out: Path) -> Path:
-    """Check ``out`` can receive a snapshot and make the private temporary directory for it."""
+def check_target(out: Path) -> None:
+    """``out`` must not exist, or be an empty directory: nothing of the user's is overwritten."""
     out = out.absolute()
     if out.exists():
         if not out.is_dir():
             raise FastvllmError(f"{out} exists and is not a directory", fix="choose another --out")
         if any(out.iterdir()):
             raise FastvllmError(f"{out} is not empty", fix="choose a new --out directory; existing files are never overwritten")
+
+
+def prepare_target(out: Path) -> Path:
+    """Check ``out`` can receive a snapshot and make the private temporary directory for it."""
+    out = out.absolute()
+    check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
     tmp.mkdir(mode=0o700)

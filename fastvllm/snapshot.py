@@ -69,6 +69,7 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
     progress = progress or Progress()
     model = resolve_model(model)
     out = (out or default_out(model)).absolute()
+    manifest.check_target(out)
     criu = criu_ops.find_criu()
     args, env = list(extra_args or []), {}
     weight_dir = None
