@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import criu_ops, engine, external_files, manifest, registry, server, weights
+from . import criu_ops, engine, external_files, manifest, registry, server
 from .errors import FastvllmError, ServerFailed, SnapshotInvalid
 from .snapshot import weight_files
 from .progress import Progress
@@ -48,6 +48,8 @@ def _check_weights(meta: dict, snapshot: Path) -> None:
     record = meta.get("weights")
     if not isinstance(record, dict) or not record.get("files") or not isinstance(record.get("tensors"), dict):
         raise SnapshotInvalid("level-2 snapshot has no usable weight record", fix="take a new snapshot")
+    from . import weights
+
     located = dict(record, files=[dict(item, path=path) for item, path in
                                   zip(record["files"], weight_files(record, snapshot))])
     try:
@@ -69,6 +71,8 @@ class _ChecksumCheck(threading.Thread):
         self.error: FastvllmError | None = None
 
     def run(self) -> None:
+        from . import weights
+
         try:
             weights.verify_weights(self.located, check_sha=True)
         except FastvllmError as exc:

@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from . import criu_ops, engine, external_files, manifest, registry, server, weights
+from . import criu_ops, engine, external_files, manifest, registry, server
 from .errors import FastvllmError
 from .paths import logs_dir
 from .progress import Progress
@@ -159,6 +159,8 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
 def _record_weights(model_dir: Path, tmp: Path, copy: bool) -> dict:
     """Reference the model's safetensors (or copy them into the snapshot), with sizes,
     checksums and the tensor table that restore checks the files against."""
+    from . import weights
+
     if copy:
         dest = tmp / manifest.WEIGHTS_DIR
         dest.mkdir(mode=0o700)

@@ -47,7 +47,8 @@ DEFAULT_CHUNK_BYTES = 64 * MiB
 DEFAULT_BUFFERS = 2
 
 DEFAULT_SHARD_BYTES = 2 * GiB
-MIN_SLICE_BYTES = 4 * MiB  # a chunk is split among threads, but never into slices smaller than this
+DEFAULT_READAHEAD_BYTES: int | None = 16 * MiB
+SLICE_BYTES = 4 * MiB  # unit of one read; threads take slices in file order
 MAX_IO_BYTES = 1 * GiB  # one preadv call; Linux returns at most ~2 GiB per call anyway
 CHUNK_ALIGN = 64  # chunks start 64-byte aligned, so buffer offsets keep the file's alignment
 HEADER_LIMIT = 100 * MiB  # same limit as the safetensors library: anything bigger is corrupt
@@ -405,24 +406,32 @@ class ReadStats:
 def iter_weights(source: WeightPlan | str | os.PathLike | Sequence[str | os.PathLike], *,
                  threads: int = DEFAULT_THREADS, chunk_bytes: int | None = None,
                  buffers: int = DEFAULT_BUFFERS, device: str | torch.device = "cpu",
-                 stats: ReadStats | dict | None = None,
+                 stats: ReadStats | dict | None = None, readahead_bytes: int | None = DEFAULT_READAHEAD_BYTES,
                  engine: CopyEngine | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor of ``source``, in file order.
 
     The plan is made (headers parsed, files checked) at call time, so a missing or
     corrupt file raises :class:`FastvllmError` here; reading starts at the first ``next``.
 
+    Chunk ``c`` is read into buffer ``c % buffers`` by ``threads`` threads, in slices of
+    ``SLICE_BYTES``; a tensor is yielded as soon as the slices under it have landed, and
+    reading runs at most ``readahead_bytes`` ahead of the tensor being yielded (``None``:
+    as far as the free buffers allow), so the bytes are still in the CPU cache when the
+    consumer copies them.
+
     Lifetime contract (CPU): a yielded tensor is a view into a chunk buffer. It stays
-    valid until the consumer asks for the first tensor of the *next* chunk after its
-    own, i.e. it survives while the consumer receives every other tensor of its chunk.
-    Chunks hold whole groups (``name.rsplit(".", 2)[0]``), so when a group's last tensor
-    arrives, all of that group's tensors are still valid; a group whose tensors are not
-    contiguous in the file gets clones (``needs_copy``) for the parts in earlier chunks.
-    Anything kept longer than its group must be cloned by the consumer. Iterate to the
-    end or ``close()`` the iterator: that stops and joins the reader threads.
+    valid until the consumer asks for the tensor that follows the last tensor of its
+    chunk (that request releases the buffer for refilling); i.e. it survives while the
+    consumer receives every other tensor of its chunk. Chunks hold whole groups
+    (``name.rsplit(".", 2)[0]``), so when a group's last tensor arrives, all of that
+    group's tensors are still valid; the parts of a group that is not contiguous in the
+    file and lies in an earlier chunk are yielded as clones (``needs_copy``). Anything
+    kept longer than its group must be cloned by the consumer. Iterate to the end or
+    ``close()`` the iterator: that stops and joins the reader threads.
 
     On CUDA, yielded tensors are fresh device tensors (independent of the buffers),
-    ordered on the consumer's current stream after their chunk's copies.
+    copied from pinned buffers on a side stream; the consumer's current stream waits
+    for each tensor's copy before the tensor is yielded.
     """
     if threads < 1 or buffers < 2:
         raise ValueError("need threads >= 1 and buffers >= 2")
@@ -432,51 +441,98 @@ def iter_weights(source: WeightPlan | str | os.PathLike | Sequence[str | os.Path
         plan = plan_weights(source, chunk_bytes or DEFAULT_CHUNK_BYTES)
     if isinstance(stats, ReadStats):
         stats.threads, stats.chunk_bytes, stats.buffers = threads, plan.chunk_bytes, buffers
-    return _stream(plan, threads, buffers, engine or copy_engine_for(device), stats)
+    window = (1 << 62) if readahead_bytes is None else readahead_bytes
+    return _stream(plan, threads, buffers, window, engine or copy_engine_for(device), stats)
 
 
-def _stream(plan: WeightPlan, threads: int, buffers: int, engine: CopyEngine,
+class _Slices:
+    """Submits chunk slices to the pool in file order: never into a buffer that is not
+    yet released, and not more than ``window`` bytes past the consumer's position
+    (except what the tensor being waited for needs)."""
+
+    def __init__(self, plan: WeightPlan, pool: ThreadPoolExecutor, fds: dict[Path, int],
+                 views: list[memoryview], window: int):
+        self.pool, self.fds, self.views, self.window = pool, fds, views, window
+        self.plan = plan
+        self.slices: list[tuple[int, int, int, int]] = []  # (chunk, lo, hi, position in the stream)
+        self.first: list[int] = []  # index of each chunk's first slice
+        self.pos: list[int] = []  # stream position of each chunk's first byte
+        total = 0
+        for c, chunk in enumerate(plan.chunks):
+            self.first.append(len(self.slices))
+            self.pos.append(total)
+            self.slices += [(c, lo, min(lo + SLICE_BYTES, chunk.nbytes), total + lo)
+                            for lo in range(0, chunk.nbytes, SLICE_BYTES)]
+            total += chunk.nbytes
+        self.futures: dict[int, Future] = {}
+        self.next = 0  # first slice not yet submitted
+        self.done = 0  # slices before this are known to be complete
+        self.released = 0  # chunks whose buffers may be refilled: buffer of chunk c is free if c < released + k
+
+    def release(self, chunk: int) -> None:
+        self.released = chunk + 1
+
+    def wait_for(self, c: int, lo: int, hi: int) -> None:
+        """Block until buffer bytes ``[lo, hi)`` of chunk ``c`` are read; first top up
+        the read-ahead from the consumer's position."""
+        last = self.first[c] + (hi - 1) // SLICE_BYTES if hi > lo else self.first[c] - 1
+        limit = self.pos[c] + lo + self.window
+        k = len(self.views)
+        while self.next < len(self.slices):
+            sc, slo, shi, spos = self.slices[self.next]
+            if sc >= self.released + k or (spos >= limit and self.next > last):
+                break
+            chunk = self.plan.chunks[sc]
+            self.futures[self.next] = self.pool.submit(
+                _read_into, self.fds[chunk.file], self.views[sc % k][slo:shi], chunk.offset + slo, chunk.file)
+            self.next += 1
+        while self.done <= last:
+            self.futures.pop(self.done).result()
+            self.done += 1
+
+    def cancel(self) -> None:
+        for fut in self.futures.values():
+            fut.cancel()
+
+
+def _stream(plan: WeightPlan, threads: int, buffers: int, window: int, engine: CopyEngine,
             stats: ReadStats | dict | None) -> Iterator[tuple[str, torch.Tensor]]:
     """The rotation: chunk c is read into buffer c % k; buffer c % k is refilled with
     chunk c + k only after the consumer asked for the tensor following chunk c's last
-    one and the engine's event for chunk c has completed."""
+    one and the engine's event for chunk c's last copy has completed."""
     st = stats if isinstance(stats, ReadStats) else ReadStats(threads=threads, chunk_bytes=plan.chunk_bytes,
                                                               buffers=buffers)
     start = time.perf_counter()
-    chunks = plan.chunks
-    k = min(buffers, len(chunks))
-    inflight: dict[int, list[Future]] = {}
+    k = min(buffers, len(plan.chunks))
     fds: dict[Path, int] = {}
+    slices = None
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastvllm-weights")
     try:
         bufs = [engine.alloc(plan.max_chunk_bytes) for _ in range(k)]
-        views = [memoryview(b.numpy()) for b in bufs]
         for path in plan.files:
             fds[path] = _open(path)
-        for c in range(k):
-            inflight[c] = _submit(pool, fds, chunks[c], views[c], threads)
-        for c, chunk in enumerate(chunks):
-            t0 = time.perf_counter()
-            for fut in inflight.pop(c):
-                fut.result()
-            st.wait_seconds += time.perf_counter() - t0
-            out = [(e.name, _tensor(bufs[c % k], chunk, e, engine, st)) for e in chunk.entries]
-            event = engine.record()
-            engine.publish(event)
+        slices = _Slices(plan, pool, fds, [memoryview(b.numpy()) for b in bufs], window)
+        for c, chunk in enumerate(plan.chunks):
+            for e in chunk.entries:
+                lo = e.offset - chunk.offset
+                t0 = time.perf_counter()
+                slices.wait_for(c, lo, lo + e.nbytes)
+                st.wait_seconds += time.perf_counter() - t0
+                tensor = _tensor(bufs[c % k], lo, e, engine, st)
+                event = engine.record()
+                engine.publish(event)
+                st.tensors += 1
+                yield e.name, tensor
+                del tensor
             st.bytes_read += chunk.nbytes
             st.chunks += 1
-            for item in out:
-                st.tensors += 1
-                yield item
-            del out, item
-            # The consumer has asked for the next tensor: chunk c is done with.
-            if c + k < len(chunks):
-                engine.wait(event)
-                inflight[c + k] = _submit(pool, fds, chunks[c + k], views[c % k], threads)
+            # The consumer has asked for the next tensor: chunk c is done with, and its
+            # last event orders after all of its copies (one stream).
+            engine.wait(event)
+            slices.release(c)
     finally:
-        for futs in inflight.values():
-            for fut in futs:
-                fut.cancel()
+        if slices is not None:
+            slices.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
         for fd in fds.values():
             os.close(fd)
@@ -499,19 +555,6 @@ def _open(path: Path) -> int:
     return fd
 
 
-def _submit(pool: ThreadPoolExecutor, fds: dict[Path, int], chunk: Chunk, view: memoryview,
-            threads: int) -> list[Future]:
-    """Split a chunk into at most ``threads`` slices (>= MIN_SLICE_BYTES, 4 KiB aligned)."""
-    if chunk.nbytes == 0:
-        return []
-    n = max(1, min(threads, chunk.nbytes // MIN_SLICE_BYTES))
-    step = -(-chunk.nbytes // n)
-    step += -step % (4 * KiB)
-    fd = fds[chunk.file]
-    return [pool.submit(_read_into, fd, view[lo:min(lo + step, chunk.nbytes)], chunk.offset + lo, chunk.file)
-            for lo in range(0, max(chunk.nbytes, 1), step)]
-
-
 def _read_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
     """Fill ``view`` from ``fd`` at ``offset``, looping over short reads."""
     done, want = 0, len(view)
@@ -523,10 +566,9 @@ def _read_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
         done += got
 
 
-def _tensor(buf: torch.Tensor, chunk: Chunk, e: TensorEntry, engine: CopyEngine, st: ReadStats) -> torch.Tensor:
-    """A view of ``e`` in the chunk buffer (or an owned copy when it must outlive it),
-    handed to the engine."""
-    lo = e.offset - chunk.offset
+def _tensor(buf: torch.Tensor, lo: int, e: TensorEntry, engine: CopyEngine, st: ReadStats) -> torch.Tensor:
+    """A view of ``e`` at ``lo`` in the chunk buffer (or an owned copy when it must
+    outlive the buffer or is misaligned for its dtype), handed to the engine."""
     raw = buf[lo:lo + e.nbytes]
     if not e.aligned or (e.needs_copy and not engine.independent):
         t = torch.empty(e.shape, dtype=e.torch_dtype)

@@ -19,10 +19,19 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_snapshot(cli, tiny_model, tmp_path_factory):
-    """(snapshot dir, snapshot --json result) of the tiny model's server."""
+    """(snapshot dir, snapshot --json result) of the tiny model's server, level 2 (default)."""
     out = tmp_path_factory.mktemp("snaps") / "tiny"
     result = cli.json("snapshot", tiny_model, "--out", str(out), "--port", str(server.free_port()),
                       "--", *SERVER_ARGS)
+    return out, result
+
+
+@pytest.fixture(scope="session")
+def tiny_snapshot_l0(cli, tiny_model, tmp_path_factory):
+    """The same server snapshotted whole (level 0)."""
+    out = tmp_path_factory.mktemp("snaps") / "tiny-l0"
+    result = cli.json("snapshot", tiny_model, "--out", str(out), "--port", str(server.free_port()),
+                      "--level", "0", "--", *SERVER_ARGS)
     return out, result
 
 

