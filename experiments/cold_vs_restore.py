@@ -1,6 +1,6 @@
 """Cold start vs CRIU restore, time to first token, medians of N runs in one session.
 
-    ./run.sh bench [--size tiny|small] [--repeats 3] [--drop-caches] [-- EXTRA_VLLM_ARGS]
+    ./run.sh bench [--size tiny|small] [--repeats 3] [--level 2|0] [--drop-caches] [-- EXTRA_VLLM_ARGS]
 
 Takes one snapshot, then alternates cold start / restore N times (A B A B ..., so drift in
 machine speed hits both alike), with the same server flags for both. Each figure is the
@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 
-from harness import RESULTS, SNAPSHOTS, bundled_model, drop_caches, fastvllm, machine, stop_all, summary
+from harness import run, RESULTS, SNAPSHOTS, bundled_model, drop_caches, fastvllm, machine, stop_all, summary
 
 
 def main() -> None:
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--drop-caches", action="store_true", help="echo 3 > drop_caches before every run")
+    parser.add_argument("--level", default="2", choices=["0", "2"], help="snapshot level (default 2)")
     parser.add_argument("server_args", nargs="*", default=None, help="vLLM flags (after --)")
     args = parser.parse_args()
     server_args = args.server_args or ["--enforce-eager"]
@@ -34,8 +35,9 @@ def main() -> None:
     model = bundled_model(args.size)
     stop_all()
     snap_dir = SNAPSHOTS / f"bench-{args.size}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"snapshot of {model} with {' '.join(server_args)} ...", file=sys.stderr, flush=True)
-    snap, _ = fastvllm("snapshot", str(model), "--out", str(snap_dir), "--port", str(args.port), "--", *server_args)
+    print(f"level-{args.level} snapshot of {model} with {' '.join(server_args)} ...", file=sys.stderr, flush=True)
+    snap, _ = fastvllm("snapshot", str(model), "--out", str(snap_dir), "--port", str(args.port),
+                       "--level", args.level, "--", *server_args)
     runs = []
     try:
         for i in range(args.repeats):
@@ -57,7 +59,7 @@ def main() -> None:
     cold = [r["wall_first_token_s"] for r in runs if r["method"] == "cold"]
     rest = [r["wall_first_token_s"] for r in runs if r["method"] == "restore"]
     result = {
-        "experiment": "cold_vs_restore", "model": args.size, "server_args": server_args,
+        "experiment": "cold_vs_restore", "model": args.size, "level": int(args.level), "server_args": server_args,
         "cache": "dropped before each run" if args.drop_caches else "warm", "machine": machine(),
         "snapshot": {"image_bytes": snap["image_bytes"], "timings": snap["timings"]},
         "cold_first_token_s": summary(cold), "restore_first_token_s": summary(rest),
@@ -66,20 +68,16 @@ def main() -> None:
         "runs": runs,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"cold_vs_restore-{args.size}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = RESULTS / f"cold_vs_restore-{args.size}-l{args.level}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2))
     c, r = result["cold_first_token_s"], result["restore_first_token_s"]
     print(f"\n| method | time to first token, median (min-max) of {args.repeats} |\n|---|---|")
     print(f"| cold start (`fastvllm serve`) | {c['median']:.2f} s ({c['min']:.2f}-{c['max']:.2f}) |")
-    print(f"| CRIU restore (`fastvllm restore`) | {r['median']:.2f} s ({r['min']:.2f}-{r['max']:.2f}) |")
+    print(f"| CRIU restore, level {args.level} (`fastvllm restore`) | {r['median']:.2f} s ({r['min']:.2f}-{r['max']:.2f}) |")
     print(f"| ratio (of medians / median pairwise) | {result['ratio_of_medians']:.1f}x / "
           f"{result['median_pairwise_ratio']:.1f}x |")
     print(f"\nimage {snap['image_bytes'] / 2**30:.2f} GiB; results in {path}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RuntimeError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run(main)

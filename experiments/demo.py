@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 
-from harness import SNAPSHOTS, bundled_model, fastvllm, stop_all
+from harness import run, SNAPSHOTS, bundled_model, fastvllm, stop_all
 
 SERVER_ARGS = ["--enforce-eager"]
 
@@ -49,8 +48,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RuntimeError as exc:
-        print(f"demo failed: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run(main)

@@ -73,3 +73,12 @@ def machine() -> dict:
 def summary(values: list[float]) -> dict:
     return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
             "max": round(max(values), 3), "n": len(values)}
+
+
+def run(main) -> None:
+    """Run an experiment's main(); a failed fastvllm command ends it with one line, exit 1."""
+    try:
+        main()
+    except RuntimeError as exc:
+        print(f"{Path(sys.argv[0]).stem} failed: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 
-from harness import RESULTS, SNAPSHOTS, bundled_model, drop_caches, fastvllm, machine, stop_all, summary
+from harness import run, RESULTS, SNAPSHOTS, bundled_model, drop_caches, fastvllm, machine, stop_all, summary
 
 METHODS = {"level0": ("l0", []), "level2-fast": ("l2", ["--loader", "fast"]), "level2-vllm": ("l2", ["--loader", "vllm"])}
 
@@ -85,8 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RuntimeError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run(main)

@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,7 +136,9 @@ def dump_tree(criu: Criu, pid: int, images_dir: Path, opts: DumpOptions | None =
     return log_path
 
 
-def _dump_rpc(criu: Criu, pid: int, images_dir: Path, opts: DumpOptions, log_path: Path) -> None:
+@contextmanager
+def _rpc_client(criu: Criu, images_dir: Path, opts, log_path: Path):
+    """A pycriu client with the options dump and restore share; yields (client, pycriu)."""
     import pycriu
 
     client = pycriu.criu()
@@ -146,23 +149,28 @@ def _dump_rpc(criu: Criu, pid: int, images_dir: Path, opts: DumpOptions, log_pat
         o.images_dir_fd, o.work_dir_fd = fds
         o.log_file = log_path.name
         o.log_level = opts.log_level
-        o.pid = pid
-        o.leave_running = opts.leave_running
         o.shell_job = opts.shell_job
         o.ext_unix_sk = opts.ext_unix_sk
         o.tcp_established = opts.tcp_established
-        o.tcp_skip_in_flight = opts.tcp_skip_in_flight
         o.link_remap = opts.link_remap
         o.file_locks = opts.file_locks
-        o.ghost_limit = opts.ghost_limit
         o.network_lock = _network_lock(pycriu)
         try:
-            client.dump()
+            yield client, pycriu
         except pycriu.CRIUException as exc:
             raise _CriuCallFailed(str(exc)) from None
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _dump_rpc(criu: Criu, pid: int, images_dir: Path, opts: DumpOptions, log_path: Path) -> None:
+    with _rpc_client(criu, images_dir, opts, log_path) as (client, _):
+        client.opts.pid = pid
+        client.opts.leave_running = opts.leave_running
+        client.opts.tcp_skip_in_flight = opts.tcp_skip_in_flight
+        client.opts.ghost_limit = opts.ghost_limit
+        client.dump()
 
 
 def _dump_cli(criu: Criu, pid: int, images_dir: Path, opts: DumpOptions, log_path: Path) -> None:
@@ -217,33 +225,11 @@ def restore_tree(criu: Criu, images_dir: Path, opts: RestoreOptions | None = Non
 
 
 def _restore_rpc(criu: Criu, images_dir: Path, opts: RestoreOptions, log_path: Path) -> int:
-    import pycriu
-
-    client = pycriu.criu()
-    client.use_binary(str(criu.binary))
-    fds = _open_dirs(images_dir, log_path.parent)
-    try:
-        o = client.opts
-        o.images_dir_fd, o.work_dir_fd = fds
-        o.log_file = log_path.name
-        o.log_level = opts.log_level
+    with _rpc_client(criu, images_dir, opts, log_path) as (client, _):
         # The restored root becomes our child rather than criu swrk's, and is reparented to
         # init when this command exits: it keeps serving after `fastvllm restore` returns.
-        o.rst_sibling = True
-        o.shell_job = opts.shell_job
-        o.ext_unix_sk = opts.ext_unix_sk
-        o.tcp_established = opts.tcp_established
-        o.link_remap = opts.link_remap
-        o.file_locks = opts.file_locks
-        o.network_lock = _network_lock(pycriu)
-        try:
-            resp = client.restore()
-        except pycriu.CRIUException as exc:
-            raise _CriuCallFailed(str(exc)) from None
-        return int(resp.pid)
-    finally:
-        for fd in fds:
-            os.close(fd)
+        client.opts.rst_sibling = True
+        return int(client.restore().pid)
 
 
 def _restore_cli(criu: Criu, images_dir: Path, opts: RestoreOptions, log_path: Path) -> int:

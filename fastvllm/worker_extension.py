@@ -57,30 +57,16 @@ class FastvllmWorkerExtension:
             return {"already_released": True}
         rss_before = _rss()
         model = self.model_runner.get_model()
-        params, seen = [], set()
-        weight_bytes = 0
-        for _, param in model.named_parameters():
-            storage = param.data.untyped_storage()
-            nbytes = storage.nbytes()
-            if nbytes == 0 or storage.data_ptr() in seen:
-                continue
-            seen.add(storage.data_ptr())
-            params.append((storage, nbytes))
-            weight_bytes += nbytes
+        seen: set[int] = set()
+        params = _unique_storages((p.data for p in model.parameters()), seen)
         packed = 0
         for module in model.modules():
             if "cpu_linear" in vars(module):
                 module.cpu_linear = _released_linear
                 packed += 1
-        kv, kv_bytes = [], 0
-        for tensor in _kv_tensors(self.model_runner):
-            storage = tensor.untyped_storage()
-            nbytes = storage.nbytes()
-            if nbytes == 0 or storage.data_ptr() in seen:
-                continue
-            seen.add(storage.data_ptr())
-            kv.append((storage, nbytes))
-            kv_bytes += nbytes
+        kv = _unique_storages(_kv_tensors(self.model_runner), seen)
+        weight_bytes = sum(n for _, n in params)
+        kv_bytes = sum(n for _, n in kv)
         for storage, _ in params + kv:
             storage.resize_(0)
         gc.collect()
@@ -129,6 +115,18 @@ class FastvllmWorkerExtension:
         done = time.monotonic()
         return {"alloc_s": round(t_alloc - t0, 4), "reload_s": round(done - t_alloc, 4), "total_s": round(done - t0, 4),
                 "loader": req.get("loader", "fast"), "stats": _jsonable(stats), "rss": _rss()}
+
+
+def _unique_storages(tensors, seen: set[int]) -> list[tuple]:
+    """(storage, nbytes) of each tensor's storage not seen yet (tied weights share one)."""
+    out = []
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        nbytes = storage.nbytes()
+        if nbytes and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            out.append((storage, nbytes))
+    return out
 
 
 def _kv_tensors(model_runner) -> list[torch.Tensor]:
