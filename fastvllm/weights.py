@@ -9,12 +9,15 @@ run at disk / page-cache speed:
 * **Plan** (:func:`plan_weights`): parse the safetensors headers into tensor entries in
   file order and cut them into *chunks*: contiguous byte ranges of one file made of
   whole *groups* (``name.rsplit(".", 2)[0]``, e.g. all of ``model.layers.3.self_attn``).
-* **Read** (:func:`iter_weights`): ``buffers`` preallocated chunk buffers rotate; a
-  thread pool ``preadv``-s slices of the next chunks into them while the consumer walks
-  the current one. Yielded tensors are views into the buffers (no per-tensor
-  allocation), so their lifetime is bounded; see :func:`iter_weights` for the contract.
-  vLLM's layerwise reload keeps the tensors of a layer until the whole layer has
-  arrived, which is why chunks never split a group.
+* **Read** (:func:`iter_weights`): a thread pool works through the chunks ahead of
+  the consumer, a tensor is yielded once its bytes are in. For CUDA (``io="pread"``)
+  ``buffers`` pinned chunk buffers rotate: slices of the next chunks are ``preadv``-ed
+  into them while the consumer walks the current one, and each tensor is copied to the
+  device on a side stream. Tensors are views into the buffers (no per-tensor
+  allocation), so their lifetime is bounded; vLLM's layerwise reload keeps the tensors
+  of a layer until the whole layer has arrived, which is why chunks never split a
+  group. On CPU (``io="mmap"``) the files are mapped and the pool prefaults them;
+  tensors are views of the mapping, which halves the memory traffic.
 * **Dump / reference / verify** (:func:`dump_weights`, :func:`reference_weights`,
   :func:`verify_weights`, :func:`check_against_model`): the files a snapshot depends
   on, with sizes and sha256, and checks that they still match.
@@ -22,33 +25,56 @@ run at disk / page-cache speed:
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import math
+import mmap
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from functools import cache
 from typing import Any, Protocol
-
-import torch
 
 from fastvllm.errors import FastvllmError
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
-# Defaults chosen with `experiments/bench_weights.py --sweep` on models/small (0.93 GB,
-# bf16, 1 shard), page cache warm, 2-core VM, consumer copying every tensor into a
-# preallocated destination. See the module constants' comments for the numbers.
+class _LazyTorch:
+    """torch, imported on first use. The restore command parses headers, sizes and
+    checksums here without ever touching a tensor, and must not pay torch's ~0.6 s import
+    on its critical path; the worker (which has torch loaded) uses the real module."""
+
+    def __getattr__(self, name: str):
+        import torch as real
+
+        globals()["torch"] = real
+        return getattr(real, name)
+
+
+torch = _LazyTorch()
+
+MiB, GiB = 1 << 20, 1 << 30
+
+# Defaults from `experiments/bench_weights.py --sweep --repeats 5` (results in
+# experiments/results/bench_weights-sweep-torch{1,2}.json): models/small (0.93 GB bf16,
+# one shard), page cache warm, 2-core AMD EPYC VM, consumer copying each tensor into a
+# preallocated destination, torch at 1 and at 2 intra-op threads. Both io modes have a
+# plateau (run-to-run noise ~0.5-1 GB/s on this shared VM): mmap 10-11.8 GB/s for
+# almost any setting; pread 7-9 GB/s for 2-8 threads with 16-64 MiB chunks and 2
+# buffers, down to 3.5-5.3 with 1 thread or 256 MiB chunks x 3 buffers. 2 / 64 MiB / 2
+# is in the top few of both modes at both torch settings (mmap 11.7 and 10.6 GB/s,
+# pread 7.7 and 7.2 GB/s; the best worst-cases are 10.7 and 7.6). More threads only
+# pay with more cores or a disk that wants more reads in flight (NVMe): pass threads=.
 DEFAULT_THREADS = 2
 DEFAULT_CHUNK_BYTES = 64 * MiB
 DEFAULT_BUFFERS = 2
 
 DEFAULT_SHARD_BYTES = 2 * GiB
-DEFAULT_READAHEAD_BYTES: int | None = 16 * MiB
-SLICE_BYTES = 4 * MiB  # unit of one read; threads take slices in file order
+SLICE_BYTES = 4 * MiB  # unit of one read/prefault, taken in file order; sweep: 1 MiB 10-30% slower, 16 MiB same within noise
 MAX_IO_BYTES = 1 * GiB  # one preadv call; Linux returns at most ~2 GiB per call anyway
 CHUNK_ALIGN = 64  # chunks start 64-byte aligned, so buffer offsets keep the file's alignment
 HEADER_LIMIT = 100 * MiB  # same limit as the safetensors library: anything bigger is corrupt
@@ -61,8 +87,30 @@ _DTYPE_NAMES = {
     "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
     "F8_E8M0": "float8_e8m0fnu",
 }
-DTYPES: dict[str, torch.dtype] = {k: getattr(torch, v) for k, v in _DTYPE_NAMES.items() if hasattr(torch, v)}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+# Bytes per element, by safetensors name: header checks need no torch.
+DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8,
+               "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "C64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+
+
+@cache
+def _dtypes() -> dict[str, torch.dtype]:
+    import torch as real
+
+    return {k: getattr(real, v) for k, v in _DTYPE_NAMES.items() if hasattr(real, v)}
+
+
+@cache
+def _dtype_names() -> dict[torch.dtype, str]:
+    return {v: k for k, v in _dtypes().items()}
+
+
+def __getattr__(name: str):
+    """``weights.DTYPES`` / ``weights.DTYPE_NAMES``, built when first asked for."""
+    if name == "DTYPES":
+        return _dtypes()
+    if name == "DTYPE_NAMES":
+        return _dtype_names()
+    raise AttributeError(name)
 
 
 def group_of(name: str) -> str:
@@ -92,12 +140,12 @@ class TensorEntry:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return _dtypes()[self.dtype]
 
     @property
     def aligned(self) -> bool:
         """Whether a dtype view straight into the chunk buffer is possible."""
-        return self.offset % self.torch_dtype.itemsize == 0
+        return self.offset % DTYPE_SIZES[self.dtype] == 0
 
 
 @dataclass(frozen=True)
@@ -215,12 +263,12 @@ _REFETCH = "re-dump the weights or point at the original model directory"
 def _entry(path: Path, name: str, info: dict, data_start: int) -> TensorEntry:
     """One header record, validated: known dtype, sane shape, size consistent with it."""
     dtype = info["dtype"]
-    if dtype not in DTYPES:
+    if dtype not in DTYPE_SIZES:
         raise ValueError(f"tensor {name}: unsupported dtype {dtype!r}")
     shape = tuple(int(d) for d in info["shape"])
     begin, end = (int(x) for x in info["data_offsets"])
     numel = math.prod(shape)
-    if min(shape, default=0) < 0 or begin < 0 or end - begin != numel * DTYPES[dtype].itemsize:
+    if min(shape, default=0) < 0 or begin < 0 or end - begin != numel * DTYPE_SIZES[dtype]:
         raise ValueError(f"tensor {name}: shape {list(shape)} and data_offsets {[begin, end]} disagree")
     return TensorEntry(name, dtype, shape, path, data_start + begin, end - begin)
 
@@ -299,9 +347,9 @@ def _span(first: TensorEntry, last: TensorEntry) -> int:
 class CopyEngine(Protocol):
     """Where tensors go after they are read, and how the reader knows a buffer is free.
 
-    The reader calls, per chunk: ``copy`` for each tensor, then ``record`` once; the
-    returned event is passed to ``publish`` before the chunk's first tensor is yielded,
-    and to ``wait`` before the chunk's buffer is refilled.
+    Per tensor the reader calls ``copy``, then ``record``, then ``publish`` with that
+    event, then yields. Before a chunk's buffer is refilled it calls ``wait`` with the
+    event of the chunk's last tensor (events on one stream complete in order).
     """
 
     independent: bool  # copy() returns tensors that do not alias the chunk buffer
@@ -319,7 +367,15 @@ class CpuCopyEngine:
     independent = False
 
     def alloc(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8)
+        """Anonymous memory asking for transparent huge pages: first touch of 2 x 60 MiB
+        takes ~10 ms instead of ~47 ms with 4 KiB pages (THP in "madvise" mode here),
+        a quarter of a warm-cache reload of a 1 GB model."""
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        mem = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            mem.madvise(mmap.MADV_HUGEPAGE)
+        return torch.frombuffer(mem, dtype=torch.uint8)
 
     def copy(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
@@ -406,86 +462,77 @@ class ReadStats:
 def iter_weights(source: WeightPlan | str | os.PathLike | Sequence[str | os.PathLike], *,
                  threads: int = DEFAULT_THREADS, chunk_bytes: int | None = None,
                  buffers: int = DEFAULT_BUFFERS, device: str | torch.device = "cpu",
-                 stats: ReadStats | dict | None = None, readahead_bytes: int | None = DEFAULT_READAHEAD_BYTES,
+                 stats: ReadStats | dict | None = None, io: str = "auto",
                  engine: CopyEngine | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor of ``source``, in file order.
 
     The plan is made (headers parsed, files checked) at call time, so a missing or
     corrupt file raises :class:`FastvllmError` here; reading starts at the first ``next``.
+    Chunks are processed in slices of ``SLICE_BYTES`` by ``threads`` threads, up to
+    ``buffers - 1`` chunks ahead of the one the consumer is in; a tensor is yielded as
+    soon as the slices under it are done, not when its whole chunk is.
 
-    Chunk ``c`` is read into buffer ``c % buffers`` by ``threads`` threads, in slices of
-    ``SLICE_BYTES``; a tensor is yielded as soon as the slices under it have landed, and
-    reading runs at most ``readahead_bytes`` ahead of the tensor being yielded (``None``:
-    as far as the free buffers allow), so the bytes are still in the CPU cache when the
-    consumer copies them.
-
-    Lifetime contract (CPU): a yielded tensor is a view into a chunk buffer. It stays
-    valid until the consumer asks for the tensor that follows the last tensor of its
-    chunk (that request releases the buffer for refilling); i.e. it survives while the
+    ``io="pread"`` (CUDA's default): chunk ``c`` is ``preadv``-ed into buffer
+    ``c % buffers``. Lifetime contract on CPU: a yielded tensor is a view into that
+    buffer and stays valid until the consumer asks for the tensor that follows the last
+    tensor of its chunk (that request releases the buffer for refilling), i.e. while the
     consumer receives every other tensor of its chunk. Chunks hold whole groups
-    (``name.rsplit(".", 2)[0]``), so when a group's last tensor arrives, all of that
+    (``name.rsplit(".", 2)[0]``), so when a group's last tensor arrives, all of the
     group's tensors are still valid; the parts of a group that is not contiguous in the
-    file and lies in an earlier chunk are yielded as clones (``needs_copy``). Anything
-    kept longer than its group must be cloned by the consumer. Iterate to the end or
-    ``close()`` the iterator: that stops and joins the reader threads.
+    file and lie in an earlier chunk are yielded as clones (``needs_copy``). Anything
+    kept longer than its group must be cloned by the consumer. On CUDA, buffers are
+    pinned and yielded tensors are fresh device tensors, copied on a side stream; the
+    consumer's current stream waits for each copy before the tensor is yielded.
 
-    On CUDA, yielded tensors are fresh device tensors (independent of the buffers),
-    copied from pinned buffers on a side stream; the consumer's current stream waits
-    for each tensor's copy before the tensor is yielded.
+    ``io="mmap"`` (CPU's default): files are mapped privately and the threads prefault
+    the slices (``MADV_POPULATE_READ``); tensors are views of the mapping, valid for as
+    long as they are referenced (writes to them stay private). Half the memory traffic
+    of ``pread``, so about twice as fast from a warm page cache. Caveat: a file
+    truncated *while* it is being read gives SIGBUS instead of an error.
+
+    Iterate to the end or ``close()`` the iterator: that stops and joins the threads.
     """
     if threads < 1 or buffers < 2:
         raise ValueError("need threads >= 1 and buffers >= 2")
+    if io not in ("auto", "mmap", "pread"):
+        raise ValueError(f"io must be auto, mmap or pread, not {io!r}")
+    engine = engine or copy_engine_for(device)
+    if io == "auto":
+        io = "mmap" if isinstance(engine, CpuCopyEngine) else "pread"
     if isinstance(source, WeightPlan):
         plan = source if chunk_bytes in (None, source.chunk_bytes) else source.rechunk(chunk_bytes)
     else:
         plan = plan_weights(source, chunk_bytes or DEFAULT_CHUNK_BYTES)
     if isinstance(stats, ReadStats):
         stats.threads, stats.chunk_bytes, stats.buffers = threads, plan.chunk_bytes, buffers
-    window = (1 << 62) if readahead_bytes is None else readahead_bytes
-    return _stream(plan, threads, buffers, window, engine or copy_engine_for(device), stats)
+    return _stream(plan, threads, buffers, engine, io, stats)
 
 
 class _Slices:
-    """Submits chunk slices to the pool in file order: never into a buffer that is not
-    yet released, and not more than ``window`` bytes past the consumer's position
-    (except what the tensor being waited for needs)."""
+    """The I/O of one pass: every chunk cut into slices of ``SLICE_BYTES``, handed to
+    ``fill(chunk, lo, hi)`` on the pool a chunk at a time (when the chunk's buffer is
+    free), and waited for in file order."""
 
-    def __init__(self, plan: WeightPlan, pool: ThreadPoolExecutor, fds: dict[Path, int],
-                 views: list[memoryview], window: int):
-        self.pool, self.fds, self.views, self.window = pool, fds, views, window
-        self.plan = plan
-        self.slices: list[tuple[int, int, int, int]] = []  # (chunk, lo, hi, position in the stream)
-        self.first: list[int] = []  # index of each chunk's first slice
-        self.pos: list[int] = []  # stream position of each chunk's first byte
-        total = 0
-        for c, chunk in enumerate(plan.chunks):
-            self.first.append(len(self.slices))
-            self.pos.append(total)
-            self.slices += [(c, lo, min(lo + SLICE_BYTES, chunk.nbytes), total + lo)
-                            for lo in range(0, chunk.nbytes, SLICE_BYTES)]
-            total += chunk.nbytes
+    def __init__(self, plan: WeightPlan, pool: ThreadPoolExecutor, fill, ahead: int):
+        self.plan, self.pool, self.fill = plan, pool, fill
+        self.first: list[int] = []  # global index of each chunk's first slice
+        count = 0
+        for chunk in plan.chunks:
+            self.first.append(count)
+            count += -(-chunk.nbytes // SLICE_BYTES)
         self.futures: dict[int, Future] = {}
-        self.next = 0  # first slice not yet submitted
-        self.done = 0  # slices before this are known to be complete
-        self.released = 0  # chunks whose buffers may be refilled: buffer of chunk c is free if c < released + k
+        self.done = 0  # slices before this one are known to be complete
+        for c in range(min(ahead, len(plan.chunks))):
+            self.submit(c)
 
-    def release(self, chunk: int) -> None:
-        self.released = chunk + 1
+    def submit(self, c: int) -> None:
+        for i, lo in enumerate(range(0, self.plan.chunks[c].nbytes, SLICE_BYTES)):
+            hi = min(lo + SLICE_BYTES, self.plan.chunks[c].nbytes)
+            self.futures[self.first[c] + i] = self.pool.submit(self.fill, c, lo, hi)
 
-    def wait_for(self, c: int, lo: int, hi: int) -> None:
-        """Block until buffer bytes ``[lo, hi)`` of chunk ``c`` are read; first top up
-        the read-ahead from the consumer's position."""
-        last = self.first[c] + (hi - 1) // SLICE_BYTES if hi > lo else self.first[c] - 1
-        limit = self.pos[c] + lo + self.window
-        k = len(self.views)
-        while self.next < len(self.slices):
-            sc, slo, shi, spos = self.slices[self.next]
-            if sc >= self.released + k or (spos >= limit and self.next > last):
-                break
-            chunk = self.plan.chunks[sc]
-            self.futures[self.next] = self.pool.submit(
-                _read_into, self.fds[chunk.file], self.views[sc % k][slo:shi], chunk.offset + slo, chunk.file)
-            self.next += 1
+    def wait_for(self, c: int, hi: int) -> None:
+        """Block until the first ``hi`` bytes of chunk ``c`` (and all before) are done."""
+        last = self.first[c] + (hi - 1) // SLICE_BYTES if hi > 0 else self.first[c] - 1
         while self.done <= last:
             self.futures.pop(self.done).result()
             self.done += 1
@@ -495,30 +542,118 @@ class _Slices:
             fut.cancel()
 
 
-def _stream(plan: WeightPlan, threads: int, buffers: int, window: int, engine: CopyEngine,
+class _BufferSource:
+    """``io="pread"``: chunk ``c`` is read with ``preadv`` into buffer ``c % k``; tensors
+    are views into the buffers, so they are recycled (see the lifetime contract)."""
+
+    recycles = True
+
+    def __init__(self, plan: WeightPlan, engine: CopyEngine, k: int):
+        self.plan, self.fds = plan, {}
+        self.bufs = [engine.alloc(plan.max_chunk_bytes) for _ in range(k)]
+        self.views = [memoryview(b.numpy()) for b in self.bufs]
+        for path in plan.files:
+            self.fds[path] = _open(path)
+
+    def fill(self, c: int, lo: int, hi: int) -> None:
+        chunk = self.plan.chunks[c]
+        _read_into(self.fds[chunk.file], self.views[c % len(self.views)][lo:hi], chunk.offset + lo, chunk.file)
+
+    def raw(self, c: int, e: TensorEntry) -> torch.Tensor:
+        lo = e.offset - self.plan.chunks[c].offset
+        return self.bufs[c % len(self.bufs)][lo:lo + e.nbytes]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+class _MappedSource:
+    """``io="mmap"``: each file is mapped (private, so writes never reach it) and slices
+    are prefaulted by the pool with ``MADV_POPULATE_READ``, which reads them from disk
+    if needed and maps them, so the consumer's copy takes no page faults. Tensors are
+    views of the mapping and stay valid for as long as they are referenced.
+
+    Why: with a copying consumer this moves each byte once (page cache -> destination)
+    instead of twice (page cache -> buffer -> destination): ~12 GB/s vs ~6-7 GB/s warm
+    on the 2-core benchmark VM, and as fast as the buffers cold.
+    """
+
+    recycles = False
+
+    def __init__(self, plan: WeightPlan):
+        self.plan, self.maps, self.base = plan, {}, {}
+        need: dict[Path, int] = {}
+        for e in plan.entries:
+            need[e.file] = max(need.get(e.file, 0), e.offset + e.nbytes)
+        for path in plan.files:
+            fd = _open(path)
+            try:
+                size = os.fstat(fd).st_size
+                if size < need.get(path, 0):
+                    raise FastvllmError(f"weights file {path} is truncated: {size} bytes, tensors need "
+                                        f"{need[path]}", fix=_REFETCH)
+                if size:
+                    self.maps[path] = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                    self.base[path] = torch.frombuffer(self.maps[path], dtype=torch.uint8)
+            finally:
+                os.close(fd)
+
+    def fill(self, c: int, lo: int, hi: int) -> None:
+        chunk = self.plan.chunks[c]
+        start = chunk.offset + lo
+        start -= start % mmap.PAGESIZE
+        _populate(self.base[chunk.file].data_ptr() + start, chunk.offset + hi - start, chunk.file, start)
+
+    def raw(self, c: int, e: TensorEntry) -> torch.Tensor:
+        return self.base[e.file][e.offset:e.offset + e.nbytes]
+
+    def close(self) -> None:
+        self.base.clear()  # the mappings live on in the tensors handed out, and close with them
+        self.maps.clear()
+
+
+_MADV_POPULATE_READ = 22  # Linux >= 5.14
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def _populate(addr: int, length: int, path: Path, offset: int) -> None:
+    """Fault a mapped range in, through ctypes: ``mmap.madvise`` holds the GIL for the
+    whole call, which would stall the consumer during disk reads."""
+    if _libc.madvise(addr, length, _MADV_POPULATE_READ) == 0:
+        return
+    err = ctypes.get_errno()
+    if err == errno.EINVAL:  # older kernel: ask for readahead instead, the consumer faults
+        _libc.madvise(addr, length, mmap.MADV_WILLNEED)
+        return
+    raise FastvllmError(f"weights file {path} could not be read at offset {offset} "
+                        f"({'truncated' if err == errno.EFAULT else os.strerror(err)})", fix=_REFETCH)
+
+
+def _stream(plan: WeightPlan, threads: int, buffers: int, engine: CopyEngine, io: str,
             stats: ReadStats | dict | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """The rotation: chunk c is read into buffer c % k; buffer c % k is refilled with
-    chunk c + k only after the consumer asked for the tensor following chunk c's last
-    one and the engine's event for chunk c's last copy has completed."""
+    """The rotation: chunk c's slices go to the pool only once chunk c - k is released,
+    i.e. once the consumer asked for the tensor following chunk c - k's last one and
+    the engine's event for that tensor has completed."""
     st = stats if isinstance(stats, ReadStats) else ReadStats(threads=threads, chunk_bytes=plan.chunk_bytes,
                                                               buffers=buffers)
+    st.extra["io"] = io
     start = time.perf_counter()
     k = min(buffers, len(plan.chunks))
-    fds: dict[Path, int] = {}
+    source: _BufferSource | _MappedSource | None = None
     slices = None
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastvllm-weights")
     try:
-        bufs = [engine.alloc(plan.max_chunk_bytes) for _ in range(k)]
-        for path in plan.files:
-            fds[path] = _open(path)
-        slices = _Slices(plan, pool, fds, [memoryview(b.numpy()) for b in bufs], window)
+        source = _MappedSource(plan) if io == "mmap" else _BufferSource(plan, engine, k)
+        slices = _Slices(plan, pool, source.fill, k)
         for c, chunk in enumerate(plan.chunks):
             for e in chunk.entries:
-                lo = e.offset - chunk.offset
                 t0 = time.perf_counter()
-                slices.wait_for(c, lo, lo + e.nbytes)
+                slices.wait_for(c, e.offset + e.nbytes - chunk.offset)
                 st.wait_seconds += time.perf_counter() - t0
-                tensor = _tensor(bufs[c % k], lo, e, engine, st)
+                owned = e.needs_copy and source.recycles and not engine.independent
+                tensor = engine.copy(_as_tensor(source.raw(c, e), e, owned, st))
                 event = engine.record()
                 engine.publish(event)
                 st.tensors += 1
@@ -529,16 +664,17 @@ def _stream(plan: WeightPlan, threads: int, buffers: int, window: int, engine: C
             # The consumer has asked for the next tensor: chunk c is done with, and its
             # last event orders after all of its copies (one stream).
             engine.wait(event)
-            slices.release(c)
+            if c + k < len(plan.chunks):
+                slices.submit(c + k)
     finally:
         if slices is not None:
             slices.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
-        for fd in fds.values():
-            os.close(fd)
+        if source is not None:
+            source.close()
         st.seconds = time.perf_counter() - start
         if isinstance(stats, dict):
-            stats.update(st.as_dict())
+            stats.update(st.as_dict(), io=io)
 
 
 def _open(path: Path) -> int:
@@ -566,17 +702,15 @@ def _read_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
         done += got
 
 
-def _tensor(buf: torch.Tensor, lo: int, e: TensorEntry, engine: CopyEngine, st: ReadStats) -> torch.Tensor:
-    """A view of ``e`` at ``lo`` in the chunk buffer (or an owned copy when it must
-    outlive the buffer or is misaligned for its dtype), handed to the engine."""
-    raw = buf[lo:lo + e.nbytes]
-    if not e.aligned or (e.needs_copy and not engine.independent):
+def _as_tensor(raw: torch.Tensor, e: TensorEntry, owned: bool, st: ReadStats) -> torch.Tensor:
+    """``raw`` (the tensor's bytes) as a tensor of its dtype and shape: a view, or a copy
+    when it must outlive a recycled buffer (``owned``) or is misaligned for its dtype."""
+    if owned or not e.aligned:
         t = torch.empty(e.shape, dtype=e.torch_dtype)
         t.reshape(-1).view(torch.uint8).copy_(raw)
         st.copies += 1
-    else:
-        t = raw.view(e.torch_dtype).reshape(e.shape)
-    return engine.copy(t)
+        return t
+    return raw.view(e.torch_dtype).reshape(e.shape)
 
 
 # --------------------------------------------------------------------------- dump / manifest
@@ -600,7 +734,7 @@ def dump_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Pat
     for name, tensor in named_tensors:
         if name in seen:
             raise ValueError(f"tensor {name} given twice")
-        if tensor.dtype not in DTYPE_NAMES:
+        if tensor.dtype not in _dtype_names():
             raise ValueError(f"tensor {name}: dtype {tensor.dtype} has no safetensors name")
         seen.add(name)
         groups.setdefault(group_of(name), []).append((name, tensor))
@@ -638,7 +772,7 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> d
     offset = 0
     for name, t in tensors:
         n = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        header[name] = {"dtype": _dtype_names()[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -712,14 +846,15 @@ def check_against_model(plan: WeightPlan, expected: dict[str, tuple[Sequence[int
     have = {e.name: e for e in plan.entries}
     for name, (shape, dtype) in expected.items():
         e = have.get(name)
-        want_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        # Compared by safetensors name (torch-free); a torch.dtype is turned into its name.
+        want_dtype = dtype if isinstance(dtype, str) else _dtype_names().get(dtype, str(dtype))
         if e is None:
             raise FastvllmError(f"weights do not match the model: tensor {name} is missing")
         if tuple(e.shape) != tuple(shape):
             raise FastvllmError(f"weights do not match the model: {name} has shape {list(e.shape)}, "
                                 f"model expects {list(shape)}")
-        if e.torch_dtype != want_dtype:
-            raise FastvllmError(f"weights do not match the model: {name} is {e.torch_dtype}, model expects {want_dtype}")
+        if e.dtype != want_dtype:
+            raise FastvllmError(f"weights do not match the model: {name} is {e.dtype}, model expects {want_dtype}")
     if not allow_extra:
         extra = next((n for n in have if n not in expected), None)
         if extra is not None:

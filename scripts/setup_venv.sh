@@ -48,8 +48,8 @@ fi
 stamp="$VENV/.fastvllm-install-stamp"
 want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
-  echo "[setup] venv: installing fastvllm (editable) with test extras"
-  pip install "torch==$TORCH_VERSION" "protobuf<7" -e "$ROOT[test]"
+  echo "[setup] venv: installing fastvllm (editable) with test and benchmark extras"
+  pip install "torch==$TORCH_VERSION" "protobuf<7" -e "$ROOT[test,bench]"
   echo "$want" > "$stamp"
 fi
 echo "[setup] venv: ready ($("$PY" -c 'import vllm,torch;print("vllm",vllm.__version__,"torch",torch.__version__)' 2>/dev/null | tail -1))"

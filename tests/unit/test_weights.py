@@ -4,6 +4,7 @@ never leave threads behind; dumps must round-trip and manifests must catch chang
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import threading
@@ -133,12 +134,20 @@ def test_noncontiguous_group_needs_copy_only_when_split_across_chunks(tmp_path):
 # --------------------------------------------------------------------------- reader
 
 
+@pytest.fixture
+def small_slices(monkeypatch):
+    """Slices much smaller than the test chunks, so chunks are read piecewise by
+    several threads and tensors straddle slice boundaries."""
+    monkeypatch.setattr(weights, "SLICE_BYTES", 1000)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 4])
 @pytest.mark.parametrize("chunk_bytes", [1, 3000, 1 << 40])
 @pytest.mark.parametrize("buffers", [2, 3])
-def test_reader_yields_what_load_file_gives(shard, threads, chunk_bytes, buffers):
+@pytest.mark.parametrize("io", ["mmap", "pread"])
+def test_reader_yields_what_load_file_gives(shard, small_slices, threads, chunk_bytes, buffers, io):
     stats = ReadStats()
-    got = owned(iter_weights(shard, threads=threads, chunk_bytes=chunk_bytes, buffers=buffers, stats=stats))
+    got = owned(iter_weights(shard, threads=threads, chunk_bytes=chunk_bytes, buffers=buffers, stats=stats, io=io))
     ref = load_file(shard)
     assert [n for n, _ in got] == [e.name for e in plan_weights(shard).entries]
     assert_same(got, ref)
@@ -146,20 +155,23 @@ def test_reader_yields_what_load_file_gives(shard, threads, chunk_bytes, buffers
     assert stats.chunks == len(plan_weights(shard, chunk_bytes).chunks) and stats.seconds > 0
 
 
-def test_reader_large_slices_with_many_threads(tmp_path, monkeypatch):
-    monkeypatch.setattr(weights, "MIN_SLICE_BYTES", 4096)
-    tensors = {f"m.l{i}.w.weight": torch.randn(300, 100) for i in range(4)}
+@pytest.mark.parametrize("io", ["mmap", "pread"])
+def test_reader_with_default_slices(tmp_path, io):
+    tensors = {f"m.l{i}.w.weight": torch.randn(3000, 1000) for i in range(3)}  # 12 MB each: 3 slices
     save_file(tensors, tmp_path / "model.safetensors")
-    assert_same(owned(iter_weights(tmp_path, threads=4, chunk_bytes=200_000)), tensors)
+    assert_same(owned(iter_weights(tmp_path, threads=4, chunk_bytes=20_000_000, io=io)), tensors)
+    assert_same(owned(iter_weights(tmp_path, threads=2, io=io)), tensors)
 
 
 def test_reader_accepts_a_plan_and_fills_a_stats_dict(shard):
     plan = plan_weights(shard, chunk_bytes=4000)
     stats: dict = {}
-    got = owned(iter_weights(plan, stats=stats))
-    assert_same(got, load_file(shard))
-    assert stats["chunks"] == len(plan.chunks) and stats["copies"] == plan.copies > 0
+    assert_same(owned(iter_weights(plan, stats=stats, io="pread")), load_file(shard))
+    assert stats["chunks"] == len(plan.chunks) and stats["copies"] == plan.copies > 0 and stats["io"] == "pread"
     assert stats["gb_per_s"] > 0 and stats["bytes_read"] > 0
+    stats.clear()
+    assert_same(owned(iter_weights(plan, stats=stats)), load_file(shard))
+    assert stats["io"] == "mmap" and stats["copies"] == 0  # mapped views never need copies
 
 
 def test_multi_shard_index(tmp_path):
@@ -186,7 +198,8 @@ def test_index_naming_a_tensor_its_file_lacks(tmp_path, shard):
         plan_weights(tmp_path)
 
 
-def test_every_yielded_tensor_is_valid_until_its_group_completes(shard):
+@pytest.mark.parametrize("io", ["mmap", "pread"])
+def test_every_yielded_tensor_is_valid_until_its_group_completes(shard, small_slices, io):
     """The vLLM layerwise-reload pattern: keep a group's tensors, check at group end."""
     ref = load_file(shard)
     remaining: dict[str, int] = {}
@@ -195,7 +208,7 @@ def test_every_yielded_tensor_is_valid_until_its_group_completes(shard):
     for chunk_bytes in (1, 2500, 9000):
         held: dict[str, list[tuple[str, torch.Tensor]]] = {}
         left = dict(remaining)
-        for name, t in iter_weights(shard, threads=2, chunk_bytes=chunk_bytes, buffers=2):
+        for name, t in iter_weights(shard, threads=2, chunk_bytes=chunk_bytes, buffers=2, io=io):
             g = group_of(name)
             held.setdefault(g, []).append((name, t))
             left[g] -= 1
@@ -210,7 +223,7 @@ def test_views_are_recycled_after_their_chunk(tmp_path):
     contents (the reason for the lifetime contract)."""
     tensors = {f"m.l{i}.w.weight": torch.full((256,), float(i)) for i in range(6)}
     save_file(tensors, tmp_path / "model.safetensors")
-    it = iter_weights(tmp_path, chunk_bytes=1024, buffers=2, threads=1)
+    it = iter_weights(tmp_path, chunk_bytes=1024, buffers=2, threads=1, io="pread")
     first = next(it)[1]
     next(it)
     third = next(it)[1]
@@ -222,10 +235,12 @@ def test_views_are_recycled_after_their_chunk(tmp_path):
 @pytest.mark.parametrize("dtype", sorted({d for d in weights.DTYPES.values()
                                           if d not in (torch.uint16, torch.uint32, torch.uint64, torch.float8_e8m0fnu)},
                                          key=str))
-def test_every_safetensors_dtype(tmp_path, dtype):
+@pytest.mark.parametrize("io", ["mmap", "pread"])
+def test_every_safetensors_dtype(tmp_path, dtype, io):
     t = (torch.randn(5, 3) * 4).to(dtype)
+    # A 3-byte tensor first: every wider dtype after it is misaligned (taken as a copy).
     write_ordered(tmp_path / "model.safetensors", [("a.b.odd", torch.ones(3, dtype=torch.int8)), ("a.b.x", t)])
-    got = dict(iter_weights(tmp_path))
+    got = dict(iter_weights(tmp_path, io=io))
     assert got["a.b.x"].dtype == dtype and torch.equal(as_bytes(got["a.b.x"]), as_bytes(t))
 
 
@@ -242,13 +257,13 @@ def test_truncated_shard_names_the_file(shard):
         iter_weights(shard)
 
 
-def test_truncated_after_planning_raises_from_the_reader_thread(shard):
+def test_truncated_after_planning_raises_from_the_reader_thread(shard, small_slices):
     baseline = threading.active_count()
     plan = plan_weights(shard, chunk_bytes=2000)
     with open(shard, "r+b") as f:
         f.truncate(plan.chunks[-3].offset + 10)
     with pytest.raises(FastvllmError, match=f"{shard} is truncated") as err:
-        for _ in iter_weights(plan, threads=2):
+        for _ in iter_weights(plan, threads=2, io="pread"):
             pass
     assert "\n" not in str(err.value)
     assert threading.active_count() == baseline
@@ -283,31 +298,84 @@ def test_missing_file(tmp_path, shard):
         next(iter_weights(plan))
 
 
-def test_reader_thread_exception_propagates_and_no_threads_remain(shard, monkeypatch):
+@pytest.mark.parametrize("io, io_function", [("pread", "_read_into"), ("mmap", "_populate")])
+def test_reader_thread_exception_propagates_and_no_threads_remain(shard, monkeypatch, small_slices, io, io_function):
     baseline = threading.active_count()
     calls = []
-    real = weights._read_into
+    real = getattr(weights, io_function)
 
-    def flaky(fd, view, offset, path):
-        calls.append(offset)
+    def flaky(*args):
+        calls.append(args)
         if len(calls) == 4:
             raise RuntimeError("disk on fire")
-        real(fd, view, offset, path)
+        real(*args)
 
-    monkeypatch.setattr(weights, "_read_into", flaky)
+    monkeypatch.setattr(weights, io_function, flaky)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        for _ in iter_weights(shard, threads=4, chunk_bytes=1500, buffers=3):
+        for _ in iter_weights(shard, threads=4, chunk_bytes=1500, buffers=3, io=io):
             pass
     assert threading.active_count() == baseline
 
 
-def test_abandoned_iterator_stops_its_threads(shard):
+@pytest.mark.parametrize("io", ["mmap", "pread"])
+def test_abandoned_iterator_stops_its_threads(shard, small_slices, io):
     baseline = threading.active_count()
-    it = iter_weights(shard, threads=4, chunk_bytes=1000, buffers=3)
+    it = iter_weights(shard, threads=4, chunk_bytes=1000, buffers=3, io=io)
     next(it)
     assert threading.active_count() > baseline
     it.close()
     assert threading.active_count() == baseline
+
+
+def test_mmap_truncated_before_reading(shard):
+    plan = plan_weights(shard)
+    with open(shard, "r+b") as f:
+        f.truncate(plan.entries[-1].offset)
+    with pytest.raises(FastvllmError, match=f"{shard} is truncated"):
+        next(iter_weights(plan, io="mmap"))
+
+
+def test_mmap_populate_error_names_the_file(shard):
+    """Truncated after mapping, before prefaulting: MADV_POPULATE_READ fails with EFAULT
+    (rather than the consumer getting SIGBUS), reported as a one-line error."""
+    plan = plan_weights(shard, chunk_bytes=2000)
+    source = weights._MappedSource(plan)
+    with open(shard, "r+b") as f:
+        f.truncate(4096)
+    last = len(plan.chunks) - 1
+    with pytest.raises(FastvllmError, match=f"{shard} could not be read at offset .* \\(truncated\\)"):
+        source.fill(last, 0, plan.chunks[last].nbytes)
+    source.close()
+
+
+def test_mmap_views_outlive_the_iterator_and_writes_stay_private(shard):
+    digest = hashlib.sha256(shard.read_bytes()).hexdigest()
+    got = list(iter_weights(shard, chunk_bytes=2000))  # no clones
+    gc.collect()
+    assert_same(got, load_file(shard))
+    for _, t in got:
+        t.zero_()
+    assert hashlib.sha256(shard.read_bytes()).hexdigest() == digest
+
+
+def test_mmap_prefetch_stays_within_the_buffers_ahead(shard, monkeypatch, small_slices):
+    """Prefaulting follows the same schedule as the buffers: chunk c only after the
+    consumer is done with chunk c - k."""
+    plan = plan_weights(shard, chunk_bytes=2500)
+    log: list = []
+    real = weights._MappedSource.fill
+
+    def logged(self, c, lo, hi):
+        log.append(("fill", c))
+        real(self, c, lo, hi)
+
+    monkeypatch.setattr(weights._MappedSource, "fill", logged)
+    for name, _ in iter_weights(plan, threads=2, buffers=2, io="mmap"):
+        log.append(("got", name))
+    got_at = {e[1]: i for i, e in enumerate(log) if e[0] == "got"}
+    for i, (kind, c) in enumerate(log):
+        if kind == "fill" and c >= 2:
+            assert got_at[plan.chunks[c - 2].entries[-1].name] < i
 
 
 def test_bad_arguments(shard):
@@ -315,6 +383,8 @@ def test_bad_arguments(shard):
         iter_weights(shard, buffers=1)
     with pytest.raises(ValueError):
         iter_weights(shard, threads=0)
+    with pytest.raises(ValueError):
+        iter_weights(shard, io="aio")
 
 
 # --------------------------------------------------------------------------- copy engine rotation
@@ -322,7 +392,7 @@ def test_bad_arguments(shard):
 
 class RecordingEngine:
     """A fake asynchronous copy engine: logs every call so the test can check that a
-    buffer is refilled only after its chunk's event was waited on."""
+    buffer is refilled only after its chunk's last event was waited on."""
 
     independent = False
 
@@ -335,13 +405,13 @@ class RecordingEngine:
         return buf
 
     def copy(self, tensor):
-        self.log.append(("copy", tensor.data_ptr()))
+        self.log.append(("copy", self.events))
         return tensor
 
     def record(self):
         self.events += 1
         self.log.append(("record", self.events - 1))
-        return self.events - 1  # event id == chunk index (one event per chunk, in order)
+        return self.events - 1  # event id == index of the tensor just copied
 
     def publish(self, event):
         self.log.append(("publish", event))
@@ -351,16 +421,15 @@ class RecordingEngine:
 
 
 @pytest.mark.parametrize("buffers", [2, 3])
-def test_rotation_waits_for_events_and_consumer(shard, monkeypatch, buffers):
+def test_rotation_waits_for_events_and_consumer(shard, monkeypatch, small_slices, buffers):
     log: list = []
     engine = RecordingEngine(log)
     plan = plan_weights(shard, chunk_bytes=2500)
     real = weights._read_into
 
     def logged(fd, view, offset, path):
-        addr = np.frombuffer(view, dtype=np.uint8).ctypes.data if len(view) else None
-        buf = next((i for i, b in enumerate(engine.buffers) if addr is not None
-                    and b.data_ptr() <= addr < b.data_ptr() + b.numel()), None)
+        addr = np.frombuffer(view, dtype=np.uint8).ctypes.data
+        buf = next(i for i, b in enumerate(engine.buffers) if b.data_ptr() <= addr < b.data_ptr() + b.numel())
         # Chunks start 64-byte aligned, so neighbours may overlap by a few bytes: a
         # slice belongs to the last chunk that starts at or before it.
         chunk = max(i for i, c in enumerate(plan.chunks) if c.offset <= offset)
@@ -372,24 +441,22 @@ def test_rotation_waits_for_events_and_consumer(shard, monkeypatch, buffers):
         log.append(("got", name))
 
     k, n = buffers, len(plan.chunks)
-    assert n > 2 * k
-    pos = {entry: i for i, entry in enumerate(log) if entry[0] in ("record", "wait", "publish", "got")}
-    last_of = {c: ("got", plan.chunks[c].entries[-1].name) for c in range(n)}
-    first_of = {c: ("got", plan.chunks[c].entries[0].name) for c in range(n)}
-    for i, entry in enumerate(log):
-        if entry[0] != "fill":
-            continue
-        _, c, buf = entry
+    assert n > 2 * k and any(len(c.entries) > 1 for c in plan.chunks)
+    index = {e.name: i for i, e in enumerate(plan.entries)}
+    last_event = {c: index[plan.chunks[c].entries[-1].name] for c in range(n)}
+    pos = {entry: i for i, entry in enumerate(log) if entry[0] in ("copy", "record", "wait", "publish", "got")}
+    fills = [(i, entry) for i, entry in enumerate(log) if entry[0] == "fill"]
+    assert {c for _, (_, c, _) in fills} == set(range(n))
+    for i, (_, c, buf) in fills:
         assert buf == c % k, "chunk read into the wrong buffer"
         if c >= k:
             prev = c - k
-            assert pos[("wait", prev)] < i, f"buffer {buf} refilled before chunk {prev}'s event was waited on"
-            assert pos[last_of[prev]] < i, f"buffer {buf} refilled while chunk {prev} was being consumed"
-    for c in range(n):
-        assert pos[("record", c)] < pos[("publish", c)] < pos[first_of[c]]
-        copies = [i for i, e in enumerate(log) if e[0] == "copy"]
-        assert len(copies) == len(plan.entries)
-    assert [e[1] for e in log if e[0] == "wait"] == list(range(n - k))
+            assert pos[("wait", last_event[prev])] < i, f"buffer {buf} refilled before chunk {prev}'s event was waited on"
+            assert pos[("got", plan.chunks[prev].entries[-1].name)] < i, f"buffer {buf} refilled while chunk {prev} was in use"
+    for e in plan.entries:
+        j = index[e.name]
+        assert pos[("copy", j)] < pos[("record", j)] < pos[("publish", j)] < pos[("got", e.name)]
+    assert [e[1] for e in log if e[0] == "wait"] == [last_event[c] for c in range(n)]
 
 
 @pytest.mark.gpu
@@ -476,7 +543,7 @@ def test_check_against_model(shard):
         check_against_model(plan, {**expected, "model.extra.weight": ((1,), torch.float32)})
     with pytest.raises(FastvllmError, match=r"lm_head.weight has shape \[64, 32\], model expects \[64, 33\]"):
         check_against_model(plan, {**expected, "lm_head.weight": ((64, 33), torch.bfloat16)})
-    with pytest.raises(FastvllmError, match="lm_head.weight is torch.bfloat16, model expects torch.float16"):
+    with pytest.raises(FastvllmError, match="lm_head.weight is BF16, model expects F16"):
         check_against_model(plan, {**expected, "lm_head.weight": ((64, 32), torch.float16)})
     with pytest.raises(FastvllmError, match="unexpected tensor"):
         check_against_model(plan, {"lm_head.weight": ((64, 32), torch.bfloat16)}, allow_extra=False)
