@@ -28,6 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="small", choices=["tiny", "small"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="fast reader threads (default: its own)")
     args = parser.parse_args()
     model = bundled_model(args.size)
     files = sorted(str(p) for p in Path(model).glob("*.safetensors"))
@@ -49,7 +50,8 @@ def main() -> None:
                     dropped = drop_caches() if cache == "dropped" else False
                     if cache == "dropped" and not dropped:
                         continue
-                    out = engine.reload(spec.endpoint, files, loader=loader, model_dir=spec.model)
+                    out = engine.reload(spec.endpoint, files, loader=loader, model_dir=spec.model,
+                                        threads=args.threads)
                     worker = out["workers"][0]
                     _, text = server.complete(spec.endpoint, name, server.CANARY_PROMPT)
                     if text != reference:
@@ -70,6 +72,7 @@ def main() -> None:
                         for ld, v in per.items()}
         table[cache]["vllm_over_fast"] = round(statistics.median(per["vllm"]) / statistics.median(per["fast"]), 2)
     result = {"experiment": "bench_reload_server", "model": args.size, "weight_bytes": weight_bytes,
+              "fast_reader_threads": args.threads,
               "machine": machine(), "reload_s": table, "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"bench_reload_server-{args.size}-{time.strftime('%Y%m%d-%H%M%S')}.json"

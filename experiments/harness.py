@@ -43,6 +43,13 @@ def fastvllm(*args: str, timeout: float = 1200) -> tuple[dict, float]:
     return json.loads(proc.stdout), wall
 
 
+def first_token_from_spawn(out: dict, wall: float) -> float:
+    """Seconds from spawning the command to the first streamed token: the process start-up
+    (wall minus the command's own total) plus the command's own first-token time."""
+    t = out["timings"]
+    return round(wall - t["total_s"] + t["first_token_s"], 3)
+
+
 def stop_all() -> None:
     subprocess.run([sys.executable, "-m", "fastvllm.cli", "stop", "--all"], capture_output=True)
 

@@ -69,11 +69,14 @@ def serve(ctx: typer.Context, model: str = typer.Argument(..., help="Model direc
             registry.remove(proc.pid)
             raise
     healthy_s = progress.elapsed()
-    server.complete(spec.endpoint, server.served_model(spec.endpoint), server.CANARY_PROMPT)
-    first_token_s = progress.elapsed()
+    name = server.served_model(spec.endpoint)
+    asked = progress.elapsed()
+    ttft, _ = server.complete(spec.endpoint, name, server.CANARY_PROMPT)
+    first_token_s = asked + ttft
     record.pids = server.tree_pids(proc.pid)
     registry.add(record)
-    timings = {"healthy_s": round(healthy_s, 3), "first_token_s": round(first_token_s, 3)}
+    timings = {"healthy_s": round(healthy_s, 3), "first_token_s": round(first_token_s, 3),
+               "total_s": round(progress.elapsed(), 3)}
     _emit({"endpoint": spec.endpoint, "pids": record.pids, "timings": timings}, as_json,
           [f"serving {spec.model} at {spec.endpoint} (pid {proc.pid}, log {log_path})", _timings_line(timings)])
 
@@ -115,6 +118,24 @@ def restore(snapshot: Path = typer.Argument(..., help="Snapshot directory."),
     result = restore_snapshot(snapshot, Progress(quiet=as_json), loader=loader, tuning=tuning)
     _emit(result, as_json, [f"serving again at {result['endpoint']} (pids {result['pids']})",
                             _timings_line(result["timings"])])
+
+
+bench_app = typer.Typer(help="Benchmarks (they live in experiments/; results in experiments/results/).")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("weights", context_settings=EXTRA)
+def bench_weights(ctx: typer.Context):
+    """Weight reload throughput: fast reader vs raw read, load_file, runai streamer (ARGS go to
+    experiments/bench_weights.py, e.g. --repeats 3 --sweep)."""
+    import subprocess
+
+    from .paths import REPO_ROOT
+
+    script = REPO_ROOT / "experiments" / "bench_weights.py"
+    if not script.is_file():
+        raise FastvllmError(f"{script} not found", fix="run from a clone of the fastvllm repository")
+    raise typer.Exit(subprocess.call([sys.executable, str(script), *ctx.args]))
 
 
 @app.command()

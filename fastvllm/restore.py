@@ -137,8 +137,9 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
             timings["weights_s"] = round(progress.elapsed(), 3)
             timings["reload"] = reloaded["workers"]
         canary = meta["canary"]
-        _, text = server.complete(endpoint, meta["served_model_name"], canary["prompt"], canary["max_tokens"])
-        first_token_s = progress.elapsed()
+        asked = progress.elapsed()
+        ttft, text = server.complete(endpoint, meta["served_model_name"], canary["prompt"], canary["max_tokens"])
+        first_token_s = asked + ttft  # the first streamed token, not the whole canary
         if verify_canary and text != canary["completion"]:
             raise ServerFailed(f"canary mismatch: restored server answered {text!r}, "
                                f"snapshot recorded {canary['completion']!r}",

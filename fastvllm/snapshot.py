@@ -93,8 +93,9 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
         healthy_s = progress.elapsed()
         name = server.served_model(spec.endpoint)
         with progress.step("warming up with one request"):
-            server.complete(spec.endpoint, name, server.WARMUP_PROMPT)
-        first_token_s = progress.elapsed()
+            asked = progress.elapsed()
+            ttft, _ = server.complete(spec.endpoint, name, server.WARMUP_PROMPT)
+        first_token_s = asked + ttft
         _, canary = server.complete(spec.endpoint, name, server.CANARY_PROMPT)
         progress.note(f"canary completion: {canary!r}")
         weight_record, released = None, None
