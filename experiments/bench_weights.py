@@ -159,7 +159,8 @@ def compare(plan, repeats: int, cold_ok: bool) -> dict:
             v["vs_best_b_d"] = round(v["gb_per_s_median"] / best_alt, 2)
         results[cache]["(c) vLLM reload_weights"] = {
             "placeholder": True, "gb_per_s_median": None,
-            "note": "PLACEHOLDER: to be measured through the vLLM reload_weights integration"}
+            "note": "needs a live server: measured by experiments/bench_reload_server.py (both loaders "
+                    "through vLLM's in-place reload, including its per-layer processing)"}
     if unavailable is not None:
         results["(d) runai-model-streamer"] = {"unavailable": unavailable}
     return results
@@ -206,7 +207,7 @@ def markdown(results: dict) -> str:
         cells = []
         for c in caches:
             v = results[c][m]
-            cells += ["placeholder", "", ""] if v.get("placeholder") else [
+            cells += ["in a live server: experiments/bench_reload_server.py", "", ""] if v.get("placeholder") else [
                 f"{v['gb_per_s_median']:.2f}", f"{v['vs_raw']:.2f}x", f"{v['vs_best_b_d']:.2f}x"]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
