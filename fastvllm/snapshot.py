@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import time
 from pathlib import Path
 
@@ -163,13 +162,14 @@ def _record_weights(model_dir: Path, tmp: Path, copy: bool) -> dict:
     from . import weights
 
     if copy:
+        # Re-written rather than copied byte for byte: dump_weights makes every layer group
+        # contiguous, in the order the reader takes them, so the reload needs no copies.
+        # (mmap reading: the tensors stay valid for as long as dump_weights holds them.)
         dest = tmp / manifest.WEIGHTS_DIR
         dest.mkdir(mode=0o700)
-        for src in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.safetensors.index.json")):
-            shutil.copyfile(src, dest / src.name)
-            os.chmod(dest / src.name, 0o600)
-        record = weights.reference_weights(dest)
-        record["mode"] = "copied"
+        record = weights.dump_weights(weights.iter_weights(model_dir, io="mmap"), dest)
+        for path in dest.iterdir():
+            os.chmod(path, 0o600)
         record["dir"] = manifest.WEIGHTS_DIR
         for item in record["files"]:
             item["path"] = f"{manifest.WEIGHTS_DIR}/{Path(item['path']).name}"

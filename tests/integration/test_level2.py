@@ -117,3 +117,20 @@ def test_weight_shapes_disagree_with_the_model(cli, twin_with_own_weights):
     os.unlink(shard)
     save_file(tensors, shard, metadata={"format": "pt"})
     _assert_failed_cleanly(cli, twin, meta, name)
+
+
+def test_copied_weights_snapshot_restores_without_the_model_dir(cli, tiny_model, tmp_path):
+    """--copy-weights: the snapshot carries its own (re-ordered) shards and does not need
+    the model directory's weight files at restore."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    out = tmp_path / "snap"
+    cli.json("snapshot", str(model), "--out", str(out), "--port", str(server.free_port()), "--copy-weights",
+             "--", "--enforce-eager")
+    meta = _manifest(out)
+    assert meta["weights"]["mode"] == "copied"
+    assert all(item["path"].startswith("weights/") for item in meta["weights"]["files"])
+    assert oct((out / "weights").stat().st_mode & 0o777) == "0o700"
+    (model / "model.safetensors").unlink()  # the snapshot must not need it any more
+    result = cli.json("restore", str(out))
+    assert result["level"] == 2 and result["reload"][0]["stats"]["copies"] == 0
