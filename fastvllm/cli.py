@@ -108,6 +108,11 @@ def restore(snapshot: Path = typer.Argument(..., help="Snapshot directory."),
             threads: Optional[int] = typer.Option(None, help="Level 2 fast loader: reader threads."),
             chunk_mb: Optional[int] = typer.Option(None, help="Level 2 fast loader: chunk size in MiB."),
             buffers: Optional[int] = typer.Option(None, help="Level 2 fast loader: rotating chunk buffers (>= 2)."),
+            prefetch: str = typer.Option("overlap", help="Page-cache prefetch of the snapshot's files: "
+                                                         "overlap (beside restore), before, or off."),
+            cold: bool = typer.Option(False, "--cold", help="Evict the snapshot's files from the page cache first."),
+            drop_caches: bool = typer.Option(False, "--drop-caches",
+                                             help="With --cold: drop the whole page cache (root only)."),
             as_json: bool = typer.Option(False, "--json")):
     """Restore a snapshot's server (same port), check its canary, leave it serving."""
     from .restore import restore_snapshot
@@ -115,9 +120,64 @@ def restore(snapshot: Path = typer.Argument(..., help="Snapshot directory."),
     if loader not in ("fast", "vllm"):
         raise FastvllmError(f"unknown --loader {loader}", fix="use fast or vllm")
     tuning = {"threads": threads, "chunk_bytes": chunk_mb * 2**20 if chunk_mb else None, "buffers": buffers}
-    result = restore_snapshot(snapshot, Progress(quiet=as_json), loader=loader, tuning=tuning)
+    result = restore_snapshot(snapshot, Progress(quiet=as_json), loader=loader, tuning=tuning,
+                              prefetch_mode=prefetch, cold=cold, drop_caches=drop_caches)
     _emit(result, as_json, [f"serving again at {result['endpoint']} (pids {result['pids']})",
                             _timings_line(result["timings"])])
+
+
+cache_app = typer.Typer(help="Page-cache state of a snapshot's files (CRIU images, external files, weights).")
+app.add_typer(cache_app, name="cache")
+
+
+def _snapshot_files(snapshot: Path) -> list[Path]:
+    from . import manifest
+    from .restore import snapshot_files
+
+    return snapshot_files(snapshot.absolute(), manifest.load(snapshot.absolute()))
+
+
+@cache_app.command("status")
+def cache_status(snapshot: Path, as_json: bool = typer.Option(False, "--json")):
+    """How much of each snapshot file is in the page cache."""
+    from . import prefetch
+
+    try:
+        rows = prefetch.residency(_snapshot_files(snapshot))
+    except (FileNotFoundError, prefetch.PrefetchError) as exc:
+        raise FastvllmError(f"cannot read page-cache residency: {exc}", fix="check the snapshot's files") from None
+    total, resident = sum(r.size for r in rows), sum(r.resident_bytes for r in rows)
+    lines = [f"{r.resident_bytes / 2**20:9.1f} / {r.size / 2**20:9.1f} MiB  {r.path}" for r in rows]
+    lines.append(f"{resident / 2**20:9.1f} / {total / 2**20:9.1f} MiB resident ({prefetch.backend()})")
+    _emit({"backend": prefetch.backend(), "resident_bytes": resident, "total_bytes": total,
+           "files": [{"path": r.path, "size": r.size, "resident_bytes": r.resident_bytes} for r in rows]},
+          as_json, lines)
+
+
+@cache_app.command("warm")
+def cache_warm(snapshot: Path, as_json: bool = typer.Option(False, "--json")):
+    """Read the snapshot's files into the page cache, in the order restore needs them."""
+    from . import prefetch
+
+    try:
+        stats = prefetch.warm(_snapshot_files(snapshot))
+    except prefetch.PrefetchError as exc:
+        raise FastvllmError(f"prefetch failed: {exc}", fix="see fastvllm doctor (vmtouch)") from None
+    _emit({k: v for k, v in stats.items() if k != "files"}, as_json,
+          [f"warmed {stats.get('bytes', 0) / 2**20:.0f} MiB in {stats.get('seconds', 0):.2f} s ({stats.get('backend')})"])
+
+
+@cache_app.command("evict")
+def cache_evict(snapshot: Path, as_json: bool = typer.Option(False, "--json")):
+    """Drop the snapshot's files from the page cache (for cold-start experiments)."""
+    from . import prefetch
+
+    files = _snapshot_files(snapshot)
+    try:
+        prefetch.evict(files)
+    except (FileNotFoundError, prefetch.PrefetchError) as exc:
+        raise FastvllmError(f"cannot evict: {exc}", fix="check the snapshot's files") from None
+    _emit({"evicted": [str(f) for f in files]}, as_json, [f"evicted {len(files)} files"])
 
 
 bench_app = typer.Typer(help="Benchmarks (they live in experiments/; results in experiments/results/).")

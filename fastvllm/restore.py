@@ -9,6 +9,7 @@ directory itself is only ever read.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -96,17 +97,65 @@ def _check_versions(meta: dict, criu: criu_ops.Criu) -> None:
                 fix="restore with the same software it was taken with, or take a new snapshot here")
 
 
+PREFETCH_MODES = ("overlap", "before", "off")
+
+
+def snapshot_files(snapshot: Path, meta: dict) -> list[Path]:
+    """The files a restore reads, in the order it needs them (CRIU images, then weights)."""
+    from . import prefetch
+
+    weights_in_order = []
+    if meta.get("level", 0) == 2:
+        weights_in_order = [f for f in weight_files(meta["weights"], snapshot) if f.endswith(".safetensors")]
+    return [Path(f) for f in prefetch.ordered_files(snapshot, meta, weights_in_order)]
+
+
 def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_canary: bool = True,
-                     loader: str = "fast", tuning: dict | None = None) -> dict:
+                     loader: str = "fast", tuning: dict | None = None, prefetch_mode: str = "overlap",
+                     cold: bool = False, drop_caches: bool = False) -> dict:
     """Restore ``snapshot`` and return endpoint, PIDs and timings (seconds since start).
 
     For a level-2 snapshot the weights are reloaded after CRIU restore, by fastvllm's fast
     reader (``loader="fast"``) or by vLLM's own loader from the model dir (``"vllm"``).
+    Page-cache prefetch of the snapshot's files (CRIU images first, then weights in reader
+    order) runs beside CRIU restore and the reload (``overlap``), before them (``before``),
+    or not at all (``off``); it never fails the restore. ``cold`` evicts the snapshot's
+    files from the page cache first (``drop_caches``: the whole cache, if permitted).
     """
+    from . import prefetch
+
+    if prefetch_mode not in PREFETCH_MODES:
+        raise FastvllmError(f"unknown prefetch mode {prefetch_mode}", fix=f"use one of {', '.join(PREFETCH_MODES)}")
     progress = progress or Progress()
     snapshot = snapshot.absolute()
     with progress.step("checking snapshot, CRIU, port and PIDs"):
         meta, criu = preflight(snapshot)
+    files = snapshot_files(snapshot, meta)
+    if cold:
+        with progress.step(f"evicting {len(files)} snapshot files from the page cache"):
+            try:
+                prefetch.evict(files)
+            except Exception as exc:  # noqa: BLE001 - cache control never fails a restore
+                print(f"fastvllm: prefetch: cannot evict ({exc}); restore continues", file=sys.stderr)
+            if drop_caches:
+                _drop_all_caches()
+    resident_before = _resident(files)
+    timeline: dict[str, dict | float] = {}
+    prefetcher = None
+    progress_t0 = progress.t0
+    if prefetch_mode == "before":
+        with progress.step(f"prefetching {len(files)} files ({prefetch.backend()})"):
+            start = progress.elapsed()
+            try:
+                stats, error = prefetch.warm(files), None
+            except Exception as exc:  # noqa: BLE001 - prefetch never fails a restore
+                stats, error = {}, f"{exc.__class__.__name__}: {exc}"
+                print(f"fastvllm: prefetch: {error}; restore continues without it", file=sys.stderr)
+            timeline["prefetch"] = {"start": round(start, 3), "end": round(progress.elapsed(), 3),
+                                    "backend": stats.get("backend"), "bytes": stats.get("bytes"), "error": error}
+    elif prefetch_mode == "overlap":
+        prefetcher = prefetch.Prefetcher(files, t0=progress_t0)
+        prefetcher.start()
     saved = external_files.from_json(meta["external_files"])
     endpoint = meta["server"]["endpoint"]
     written: list[str] = []
@@ -119,9 +168,11 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
         if checksums:
             checksums.start()
         with progress.step(f"restoring {len(pids)} processes with CRIU {criu.version_str}"):
+            criu_start = progress.elapsed()
             written = external_files.put_back(saved, snapshot / manifest.EXTERNAL_DIR)
             root_pid, _ = criu_ops.restore_tree(criu, snapshot / manifest.CRIU_DIR)
         restore_s = progress.elapsed()
+        timeline["criu_restore"] = {"start": round(criu_start, 3), "end": round(restore_s, 3)}
         pids = server.tree_pids(root_pid) or pids
         registry.add(registry.ServerRecord(root_pid=root_pid, pids=pids, endpoint=endpoint, model=meta["model"],
                                            how="restore", log=meta.get("log", ""), snapshot=str(snapshot)))
@@ -130,12 +181,14 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
         healthy_s = progress.elapsed()
         if level == 2:
             checksums.result()
-            files = weight_files(meta["weights"], snapshot)
+            weight_paths = weight_files(meta["weights"], snapshot)
             with progress.step(f"reloading {meta['weights']['weight_bytes'] / 2**20:.0f} MiB of weights ({loader})"):
-                reloaded = engine.reload(endpoint, files, loader=loader, model_dir=meta["model"],
+                weights_start = progress.elapsed()
+                reloaded = engine.reload(endpoint, weight_paths, loader=loader, model_dir=meta["model"],
                                          plat=meta["server"].get("platform"), **(tuning or {}))
             timings["weights_s"] = round(progress.elapsed(), 3)
             timings["reload"] = reloaded["workers"]
+            timeline["weights"] = {"start": round(weights_start, 3), "end": timings["weights_s"]}
         canary = meta["canary"]
         asked = progress.elapsed()
         ttft, text = server.complete(endpoint, meta["served_model_name"], canary["prompt"], canary["max_tokens"])
@@ -152,13 +205,45 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
             server.kill_tree(server.tree_pids(root_pid) or [root_pid])
         external_files.remove(p for p in written if p.startswith(str(external_files.SHM_DIR)))
         raise
+    if prefetcher is not None:
+        prefetcher.wait(timeout=30)  # it reads what restore already read: nearly always done
+        st = prefetcher.stats
+        timeline["prefetch"] = {"start": st.get("start_s"), "end": st.get("end_s"), "backend": st.get("backend"),
+                                "bytes": st.get("bytes"), "error": st.get("error")}
+    timeline["healthy"] = round(healthy_s, 3)
+    timeline["first_token"] = round(first_token_s, 3)
     reload_detail = timings.pop("reload", None)
     result = {"snapshot": str(snapshot), "endpoint": endpoint, "pids": pids, "level": level,
+              "prefetch": prefetch_mode, "timeline": timeline,
+              "resident_bytes": {"before": resident_before, "after": _resident(files),
+                                 "total": sum(f.stat().st_size for f in files if f.exists())},
               "timings": {"restore_s": round(restore_s, 3), "healthy_s": round(healthy_s, 3), **timings,
                           "first_token_s": round(first_token_s, 3), "total_s": round(progress.elapsed(), 3)}}
     if reload_detail is not None:
         result["reload"] = reload_detail
     return result
+
+
+def _resident(files: list[Path]) -> int | None:
+    """Bytes of ``files`` in the page cache; None if it cannot be read (never fails a restore)."""
+    from . import prefetch
+
+    try:
+        return sum(r.resident_bytes for r in prefetch.residency(files))
+    except Exception as exc:  # noqa: BLE001 - a measurement, not part of the restore
+        print(f"fastvllm: prefetch: cannot read page-cache residency ({exc.__class__.__name__}); "
+              "restore continues without it", file=sys.stderr)
+        return None
+
+
+def _drop_all_caches() -> None:
+    """Drop the whole page cache: only when asked (it slows every process on the host)."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as exc:
+        raise FastvllmError(f"cannot drop the page cache: {exc.strerror}",
+                            fix="run as root outside a restricted container, or use --cold alone") from None
 
 
 def wait_gone(pids: list[int], timeout: float = 30.0) -> None:
