@@ -115,11 +115,13 @@ def _pycriu() -> Check:
 
 
 def _vmtouch() -> Check:
+    from .prefetch import backend
+
     path = shutil.which("vmtouch")
     if path:
-        return Check("vmtouch", True, f"{path}", fatal=False)
-    return Check("vmtouch", False, "vmtouch not found: page-cache prefetch falls back to reads",
-                 "apt-get install vmtouch", fatal=False)
+        return Check("prefetch", True, f"page-cache prefetch with {backend()} ({path})", fatal=False)
+    return Check("prefetch", False, f"vmtouch not found: page-cache prefetch uses the {backend()} backend "
+                 "(posix_fadvise + parallel reads)", "apt-get install vmtouch", fatal=False)
 
 
 def _shm() -> Check:
