@@ -77,7 +77,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"bench_reload_server-{args.size}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2))
-    print(f"\n| page cache | fast reader -> reload_weights | vLLM reload_weights | vLLM / fast |\n|---|---|---|---|")
+    print("\n| page cache | fast reader -> reload_weights | vLLM reload_weights | vLLM / fast |\n|---|---|---|---|")
     for cache, row in table.items():
         f, v = row["fast"], row["vllm"]
         print(f"| {cache} | {f['median']:.2f} s ({f['gb_per_s']:.2f} GB/s) | {v['median']:.2f} s "

@@ -11,25 +11,20 @@ time minus the command's own total), plus the command's own time to first token.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
 import sys
 import time
 
-from harness import run, first_token_from_spawn, RESULTS, SNAPSHOTS, bundled_model, drop_caches, fastvllm, machine, stop_all, summary
+from harness import run, first_token_from_spawn, parser, RESULTS, SNAPSHOTS, bundled_model, drop_caches, fastvllm, machine, stop_all, summary
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="tiny", choices=["tiny", "small"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--drop-caches", action="store_true", help="echo 3 > drop_caches before every run")
-    parser.add_argument("--level", default="2", choices=["0", "2"], help="snapshot level (default 2)")
-    parser.add_argument("server_args", nargs="*", default=None, help="vLLM flags (after --)")
-    args = parser.parse_args()
+    cli = parser(__doc__, "tiny")
+    cli.add_argument("--level", default="2", choices=["0", "2"], help="snapshot level (default 2)")
+    cli.add_argument("server_args", nargs="*", default=None, help="vLLM flags (after --)")
+    args = cli.parse_args()
     server_args = args.server_args or ["--enforce-eager"]
 
     model = bundled_model(args.size)

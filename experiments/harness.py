@@ -3,6 +3,7 @@ and a description of the machine the numbers come from."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -41,6 +42,16 @@ def fastvllm(*args: str, timeout: float = 1200) -> tuple[dict, float]:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout), wall
+
+
+def parser(doc: str, default_size: str) -> argparse.ArgumentParser:
+    """The options every restore experiment takes."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default=default_size, choices=["tiny", "small"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--drop-caches", action="store_true", help="echo 3 > drop_caches before every run")
+    return p
 
 
 def first_token_from_spawn(out: dict, wall: float) -> float:

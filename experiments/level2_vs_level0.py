@@ -10,25 +10,19 @@ Figures are seconds from spawning `fastvllm restore` to the canary's first strea
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
 import sys
 import time
 
-from harness import run, first_token_from_spawn, RESULTS, SNAPSHOTS, bundled_model, drop_caches, fastvllm, machine, stop_all, summary
+from harness import run, first_token_from_spawn, parser, RESULTS, SNAPSHOTS, bundled_model, drop_caches, fastvllm, machine, stop_all, summary
 
 METHODS = {"level0": ("l0", []), "level2-fast": ("l2", ["--loader", "fast"]), "level2-vllm": ("l2", ["--loader", "vllm"])}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="small", choices=["tiny", "small"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--drop-caches", action="store_true")
-    args = parser.parse_args()
+    args = parser(__doc__, "small").parse_args()
     server_args = ["--enforce-eager"]
     model = bundled_model(args.size)
     stop_all()

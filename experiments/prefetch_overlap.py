@@ -11,26 +11,20 @@ its median run. Results: experiments/results/prefetch_overlap-*.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
 import sys
 import time
 
-from harness import (RESULTS, SNAPSHOTS, bundled_model, fastvllm, first_token_from_spawn, machine, run, stop_all,
-                     summary)
+from harness import (RESULTS, SNAPSHOTS, bundled_model, fastvllm, first_token_from_spawn, machine, parser, run,
+                     stop_all, summary)
 
 MODES = ("off", "before", "overlap")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="small", choices=["tiny", "small"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--drop-caches", action="store_true")
-    args = parser.parse_args()
+    args = parser(__doc__, "small").parse_args()
     model = bundled_model(args.size)
     stop_all()
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -121,7 +121,8 @@ def restore(snapshot: Path = typer.Argument(..., help="Snapshot directory."),
         raise FastvllmError(f"unknown --loader {loader}", fix="use fast or vllm")
     tuning = {"threads": threads, "chunk_bytes": chunk_mb * 2**20 if chunk_mb else None, "buffers": buffers}
     result = restore_snapshot(snapshot, Progress(quiet=as_json), loader=loader, tuning=tuning,
-                              prefetch_mode=prefetch, cold=cold, drop_caches=drop_caches)
+                              prefetch_mode=prefetch, cold=cold, drop_caches=drop_caches,
+                              measure_residency=as_json)
     _emit(result, as_json, [f"serving again at {result['endpoint']} (pids {result['pids']})",
                             _timings_line(result["timings"])])
 

@@ -56,8 +56,9 @@ def prepare_target(out: Path) -> Path:
     return tmp
 
 
-def commit(tmp: Path, out: Path, manifest: dict) -> None:
-    """Write the manifest last, sync, and rename the finished directory into place."""
+def commit(tmp: Path, out: Path, manifest: dict) -> dict:
+    """Write the manifest last, sync, and rename the finished directory into place;
+    returns the manifest as written (with ``files`` and ``image_bytes``)."""
     manifest = dict(manifest)
     manifest["files"] = file_sizes(tmp)
     manifest["image_bytes"] = sum(size for rel, size in manifest["files"].items() if rel.startswith(CRIU_DIR + "/"))
@@ -73,6 +74,7 @@ def commit(tmp: Path, out: Path, manifest: dict) -> None:
         out.rmdir()
     os.rename(tmp, out)
     _fsync_dir(out.parent)
+    return manifest
 
 
 def discard(tmp: Path) -> None:
@@ -150,6 +152,19 @@ def host_versions(criu_version: str) -> dict[str, str]:
 
     out["fastvllm"] = __version__
     return out
+
+
+def weight_files(record: dict, snapshot: Path) -> list[str]:
+    """Absolute paths of a weight record's files (copied ones live inside the snapshot)."""
+    if record["mode"] == "copied":
+        return [str(snapshot / item["path"]) for item in record["files"]]
+    return [item["path"] for item in record["files"]]
+
+
+def located_weights(record: dict, snapshot: Path) -> dict:
+    """The weight record with every file's path made absolute (for the checks in weights)."""
+    return dict(record, files=[dict(item, path=path) for item, path in
+                               zip(record["files"], weight_files(record, snapshot))])
 
 
 def now_iso() -> str:

@@ -343,16 +343,14 @@ class Prefetcher:
 # ----------------------------------------------------------------------------- order
 
 
-def ordered_files(snapshot: Path, manifest: dict, weight_paths: list[str]) -> list[Path]:
+def ordered_files(snapshot: Path, weight_paths: list[str]) -> list[Path]:
     """The files of a restore, in the order it needs them.
 
     CRIU reads its small metadata images first, then the page images (largest first:
     in a parallel restore the largest is the critical path), then the external files
     it re-opens; the weight reloader runs last and reads ``weight_paths`` in order.
-    ``manifest`` is accepted for future use (e.g. per-file hints); only existing
-    regular files are returned.
+    Only existing regular files are returned.
     """
-    del manifest
 
     def regular(p: Path) -> bool:
         try:

@@ -11,12 +11,10 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 
 from . import criu_ops, engine, external_files, manifest, registry, server
 from .errors import FastvllmError, ServerFailed, SnapshotInvalid
-from .snapshot import weight_files
 from .progress import Progress
 
 HEALTH_TIMEOUT_S = float(os.environ.get("FASTVLLM_RESTORE_HEALTH_TIMEOUT", "300"))
@@ -51,8 +49,7 @@ def _check_weights(meta: dict, snapshot: Path) -> None:
         raise SnapshotInvalid("level-2 snapshot has no usable weight record", fix="take a new snapshot")
     from . import weights
 
-    located = dict(record, files=[dict(item, path=path) for item, path in
-                                  zip(record["files"], weight_files(record, snapshot))])
+    located = manifest.located_weights(record, snapshot)
     try:
         weights.verify_weights(located, check_sha=False)
         shards = [item["path"] for item in located["files"] if item["path"].endswith(".safetensors")]
@@ -67,8 +64,7 @@ class _ChecksumCheck(threading.Thread):
 
     def __init__(self, record: dict, snapshot: Path):
         super().__init__(daemon=True, name="fastvllm-checksums")
-        self.located = dict(record, files=[dict(item, path=path) for item, path in
-                                           zip(record["files"], weight_files(record, snapshot))])
+        self.located = manifest.located_weights(record, snapshot)
         self.error: FastvllmError | None = None
 
     def run(self) -> None:
@@ -106,13 +102,13 @@ def snapshot_files(snapshot: Path, meta: dict) -> list[Path]:
 
     weights_in_order = []
     if meta.get("level", 0) == 2:
-        weights_in_order = [f for f in weight_files(meta["weights"], snapshot) if f.endswith(".safetensors")]
-    return [Path(f) for f in prefetch.ordered_files(snapshot, meta, weights_in_order)]
+        weights_in_order = [f for f in manifest.weight_files(meta["weights"], snapshot) if f.endswith(".safetensors")]
+    return [Path(f) for f in prefetch.ordered_files(snapshot, weights_in_order)]
 
 
 def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_canary: bool = True,
                      loader: str = "fast", tuning: dict | None = None, prefetch_mode: str = "overlap",
-                     cold: bool = False, drop_caches: bool = False) -> dict:
+                     cold: bool = False, drop_caches: bool = False, measure_residency: bool = True) -> dict:
     """Restore ``snapshot`` and return endpoint, PIDs and timings (seconds since start).
 
     For a level-2 snapshot the weights are reloaded after CRIU restore, by fastvllm's fast
@@ -121,6 +117,8 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
     order) runs beside CRIU restore and the reload (``overlap``), before them (``before``),
     or not at all (``off``); it never fails the restore. ``cold`` evicts the snapshot's
     files from the page cache first (``drop_caches``: the whole cache, if permitted).
+    ``measure_residency`` reports the files' page-cache residency before and after; it costs
+    ~50 ms before CRIU starts, so callers that do not show it turn it off.
     """
     from . import prefetch
 
@@ -139,7 +137,7 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
                 print(f"fastvllm: prefetch: cannot evict ({exc}); restore continues", file=sys.stderr)
             if drop_caches:
                 _drop_all_caches()
-    resident_before = _resident(files)
+    resident_before = _resident(files) if measure_residency else None
     timeline: dict[str, dict | float] = {}
     prefetcher = None
     progress_t0 = progress.t0
@@ -181,7 +179,7 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
         healthy_s = progress.elapsed()
         if level == 2:
             checksums.result()
-            weight_paths = weight_files(meta["weights"], snapshot)
+            weight_paths = manifest.weight_files(meta["weights"], snapshot)
             with progress.step(f"reloading {meta['weights']['weight_bytes'] / 2**20:.0f} MiB of weights ({loader})"):
                 weights_start = progress.elapsed()
                 reloaded = engine.reload(endpoint, weight_paths, loader=loader, model_dir=meta["model"],
@@ -215,21 +213,25 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
     reload_detail = timings.pop("reload", None)
     result = {"snapshot": str(snapshot), "endpoint": endpoint, "pids": pids, "level": level,
               "prefetch": prefetch_mode, "timeline": timeline,
-              "resident_bytes": {"before": resident_before, "after": _resident(files),
-                                 "total": sum(f.stat().st_size for f in files if f.exists())},
               "timings": {"restore_s": round(restore_s, 3), "healthy_s": round(healthy_s, 3), **timings,
                           "first_token_s": round(first_token_s, 3), "total_s": round(progress.elapsed(), 3)}}
+    if measure_residency:
+        after = _resident(files)
+        result["resident_bytes"] = {"before": resident_before and resident_before[0],
+                                    "after": after and after[0], "total": after and after[1]}
     if reload_detail is not None:
         result["reload"] = reload_detail
     return result
 
 
-def _resident(files: list[Path]) -> int | None:
-    """Bytes of ``files`` in the page cache; None if it cannot be read (never fails a restore)."""
+def _resident(files: list[Path]) -> tuple[int, int] | None:
+    """(bytes of ``files`` in the page cache, their size); None if it cannot be read (never
+    fails a restore)."""
     from . import prefetch
 
     try:
-        return sum(r.resident_bytes for r in prefetch.residency(files))
+        rows = prefetch.residency(files)
+        return sum(r.resident_bytes for r in rows), sum(r.size for r in rows)
     except Exception as exc:  # noqa: BLE001 - a measurement, not part of the restore
         print(f"fastvllm: prefetch: cannot read page-cache residency ({exc.__class__.__name__}); "
               "restore continues without it", file=sys.stderr)
@@ -245,9 +247,3 @@ def _drop_all_caches() -> None:
         raise FastvllmError(f"cannot drop the page cache: {exc.strerror}",
                             fix="run as root outside a restricted container, or use --cold alone") from None
 
-
-def wait_gone(pids: list[int], timeout: float = 30.0) -> None:
-    """Block until ``pids`` are gone (used between two restores of one snapshot)."""
-    deadline = time.monotonic() + timeout
-    while criu_ops.pids_in_use(pids) and time.monotonic() < deadline:
-        time.sleep(0.05)

@@ -83,6 +83,7 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
     proc = None
     pids: list[int] = []
     shm: set[str] = set()
+    remaps_before = external_files.link_remaps_in_shm()  # other trees' files: never ours to remove
     try:
         with progress.step(f"starting vLLM server for {model} on port {port}"):
             proc = server.launch(spec, log_path)
@@ -106,7 +107,6 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
 
         pids = server.tree_pids(proc.pid)
         shm = external_files.shm_paths_of(pids)
-        remaps_before = external_files.link_remaps_in_shm()
         t_dump = time.monotonic()
         with progress.step(f"dumping {len(pids)} processes with CRIU {criu.version_str}"):
             criu_ops.dump_tree(criu, proc.pid, tmp / manifest.CRIU_DIR)
@@ -119,7 +119,7 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
         dump_s = time.monotonic() - t_dump
 
         with progress.step("writing manifest"):
-            manifest.commit(tmp, out, {
+            written = manifest.commit(tmp, out, {
                 "format": manifest.FORMAT,
                 "format_version": manifest.FORMAT_VERSION,
                 "created_at": manifest.now_iso(),
@@ -142,8 +142,7 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
             })
         external_files.remove(shm)
         registry.remove(proc.pid)
-        result = manifest.load(out)
-        return {"snapshot": str(out), "image_bytes": result["image_bytes"], "level": level,
+        return {"snapshot": str(out), "image_bytes": written["image_bytes"], "level": level,
                 "timings": {"healthy_s": round(healthy_s, 3), "first_token_s": round(first_token_s, 3),
                             "dump_s": round(dump_s, 3), "total_s": round(progress.elapsed(), 3)}}
     except BaseException:
@@ -152,7 +151,7 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
             server.stop_tree(proc.pid, pids or None, timeout=20)
             registry.remove(proc.pid)
             # A tree killed by CRIU (or SIGKILL) cannot clean its own /dev/shm objects.
-            external_files.remove(shm | (external_files.link_remaps_in_shm() - (remaps_before if pids else set())))
+            external_files.remove(shm | (external_files.link_remaps_in_shm() - remaps_before))
         raise
 
 
@@ -175,14 +174,8 @@ def _record_weights(model_dir: Path, tmp: Path, copy: bool) -> dict:
             item["path"] = f"{manifest.WEIGHTS_DIR}/{Path(item['path']).name}"
     else:
         record = weights.reference_weights(model_dir)
-    plan = weights.plan_weights([f for f in weight_files(record, tmp) if f.endswith(".safetensors")])
+    plan = weights.plan_weights([f for f in manifest.weight_files(record, tmp) if f.endswith(".safetensors")])
     record["tensors"] = {e.name: [list(e.shape), e.dtype] for e in plan.entries}
     record["weight_bytes"] = plan.total_bytes
     return record
 
-
-def weight_files(record: dict, snapshot: Path) -> list[str]:
-    """Absolute paths of a weight record's files (copied ones live inside the snapshot)."""
-    if record["mode"] == "copied":
-        return [str(snapshot / item["path"]) for item in record["files"]]
-    return [item["path"] for item in record["files"]]

@@ -114,7 +114,8 @@ class FastvllmWorkerExtension:
         gc.collect()
         done = time.monotonic()
         return {"alloc_s": round(t_alloc - t0, 4), "reload_s": round(done - t_alloc, 4), "total_s": round(done - t0, 4),
-                "loader": req.get("loader", "fast"), "stats": _jsonable(stats), "rss": _rss()}
+                "loader": req.get("loader", "fast"), "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool, type(None)))},
+                "rss": _rss()}
 
 
 def _unique_storages(tensors, seen: set[int]) -> list[tuple]:
@@ -145,9 +146,3 @@ def _kv_tensors(model_runner) -> list[torch.Tensor]:
 
     walk(getattr(model_runner, "kv_caches", []))
     return out
-
-
-def _jsonable(stats) -> dict:
-    if isinstance(stats, dict):
-        return {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool, type(None)))}
-    return {k: v for k, v in vars(stats).items() if isinstance(v, (int, float, str, bool, type(None)))}

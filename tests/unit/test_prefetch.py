@@ -93,7 +93,7 @@ def test_ordered_files(tmp_path):
     w2 = _write(tmp_path / "w" / "a.safetensors", 10)
     missing = tmp_path / "w" / "gone.safetensors"
 
-    got = prefetch.ordered_files(snap, {}, [str(w1), str(missing), str(w2)])
+    got = prefetch.ordered_files(snap, [str(w1), str(missing), str(w2)])
 
     assert [p.relative_to(tmp_path).as_posix() for p in got] == [
         "snap/criu/core-1.img", "snap/criu/inventory.img",
@@ -104,7 +104,7 @@ def test_ordered_files(tmp_path):
 
 
 def test_ordered_files_without_dirs(tmp_path):
-    assert prefetch.ordered_files(tmp_path / "nothing", {}, []) == []
+    assert prefetch.ordered_files(tmp_path / "nothing", []) == []
 
 
 def test_backend_selection(monkeypatch, tmp_path):
