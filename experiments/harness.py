@@ -6,15 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -75,17 +72,9 @@ def drop_caches() -> bool:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    disk = shutil.disk_usage(ROOT)
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "kernel": platform.release(), "disk_free_gib": round(disk.free / 2**30), "gpu": shutil.which("nvidia-smi") is not None}
+    from fastvllm.bench.machine import describe
+
+    return describe(ROOT)
 
 
 def summary(values: list[float]) -> dict:

