@@ -184,14 +184,15 @@ def cache_evict(snapshot: Path, as_json: bool = typer.Option(False, "--json")):
 @app.command(context_settings=EXTRA)
 def bench(ctx: typer.Context, model: str = typer.Argument(..., help="Model directory or hub id."),
           repeats: int = typer.Option(3, help="Runs of each method in each mode and page-cache state."),
-          methods: str = typer.Option("1-6", help="Ladder steps to run, e.g. 1-6 or 1,3,5 (see --help)."),
+          methods: str = typer.Option("1-6", help="Ladder steps to run (numbered above), e.g. 1-6 or 1,3,5."),
           modes: str = typer.Option("eager,compiled", help="Server modes: eager (--enforce-eager), compiled."),
           caches: str = typer.Option("warm,evicted", help="Page-cache states: warm, evicted."),
           port: int = typer.Option(server.DEFAULT_PORT, help="Port every server of the run listens on."),
           results_dir: Optional[Path] = typer.Option(None, help="Where the run's directory is created "
-                                                                 "[default: experiments/results in a clone, else ./bench-results]."),
+                                                                 "(default: experiments/results in a clone, else ./bench-results)."),
           work_dir: Path = typer.Option(Path("/var/tmp"), help="Where the run's snapshots and caches live."),
-          keep_work: bool = typer.Option(False, help="Keep the snapshots and compile caches afterwards.")):
+          keep_work: bool = typer.Option(False, help="Keep the snapshots and compile caches afterwards."),
+          as_json: bool = typer.Option(False, "--json", help="Print the summary rows as one JSON object.")):
     """Time every start-up method side by side: 1 cold (compile caches cleared), 2 cold (caches
     kept), 3 CRIU level 0, 4 level 2 + vLLM reload_weights, 5 level 2 + fast reloader, 6 as 5
     with overlapped prefetch; warm and evicted page cache; eager and compiled. Writes raw
@@ -210,11 +211,14 @@ def bench(ctx: typer.Context, model: str = typer.Argument(..., help="Model direc
     cfg = LadderConfig(model=model, repeats=repeats, methods=ids, modes=_csv(modes), caches=_csv(caches),
                        port=port, results_dir=results_dir, work_dir=work_dir, keep_work=keep_work,
                        server_args=list(ctx.args), command=" ".join(["fastvllm", "bench", *sys.argv[2:]]))
-    progress = Progress()
+    progress = Progress()  # one line per run, on stderr (also with --json: the run is long)
     run_dir = run_ladder(cfg, say=progress.note)
-    print((run_dir / "table.md").read_text() if (run_dir / "table.md").is_file() else "no runs completed")
-    print(f"results: {run_dir} (runs/*.json, summary.csv, table.md, ladder.png)")
     _, runs = report.load(run_dir)
+    if as_json:
+        print(json.dumps({"results": str(run_dir), "rows": report.aggregate(runs)}))
+    else:
+        print((run_dir / "table.md").read_text() if (run_dir / "table.md").is_file() else "no runs completed")
+        print(f"results: {run_dir} (runs/*.json, summary.csv, table.md, ladder.png)")
     failed = [r for r in runs if not r.get("ok")]
     if failed or not runs:
         print(f"fastvllm: error: {len(failed)} of {len(runs)} runs failed (recorded in {run_dir / 'runs'})",

@@ -79,7 +79,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
                             + [r["phases"].get(k, "") for k in phase_keys] + ["; ".join(r["errors"])])
 
 
-def markdown(meta: dict, rows: list[dict], png_name: str | None = None) -> str:
+def markdown(meta: dict, rows: list[dict], *images: str) -> str:
     cfg = meta.get("config", {})
     gpu = (meta.get("machine") or {}).get("gpu")
     lines = [f"Cold-start ladder for `{Path(meta['model']).name}`, run {meta.get('started', '?')} "
@@ -108,8 +108,8 @@ def markdown(meta: dict, rows: list[dict], png_name: str | None = None) -> str:
     if any(r["failures"] for r in rows):
         lines += ["", "Failures (recorded, not retried):"]
         lines += [f"- {r['mode']} / {r['cache']} / {r['method_id']}: {e}" for r in rows if r["failures"] for e in r["errors"]]
-    if png_name:
-        lines += ["", f"![where the seconds go]({png_name})"]
+    for image in images:
+        lines += ["", f"![where the seconds go]({image})"]
     return "\n".join(lines) + "\n"
 
 
@@ -169,12 +169,18 @@ def plot(rows: list[dict], path: Path, title: str = ""):
 
 
 def write_all(run_dir: Path) -> dict[str, Path]:
-    """summary.csv, ladder.png and table.md beside the raw runs."""
+    """summary.csv, table.md, ladder.png and (when cold starts dwarf them) ladder-restores.png,
+    the restore methods alone on their own scale, beside the raw runs."""
     meta, runs = load(run_dir)
     rows = aggregate(runs)
     paths = {"csv": run_dir / "summary.csv", "png": run_dir / "ladder.png", "table": run_dir / "table.md"}
     write_csv(rows, paths["csv"])
-    plot(rows, paths["png"], title=f"fastvllm cold-start ladder: {Path(meta['model']).name}, "
-                                   f"{(meta.get('machine') or {}).get('cores', '?')} cores")
-    paths["table"].write_text(markdown(meta, rows, paths["png"].name))
+    title = (f"fastvllm cold-start ladder: {Path(meta['model']).name}, "
+             f"{(meta.get('machine') or {}).get('cores', '?')} cores")
+    plot(rows, paths["png"], title=title)
+    restores = [r for r in rows if r["method_id"] >= 3]
+    if restores and len(restores) < len(rows):
+        paths["restores_png"] = run_dir / "ladder-restores.png"
+        plot(restores, paths["restores_png"], title=title + " (restores only)")
+    paths["table"].write_text(markdown(meta, rows, *(paths[k].name for k in ("png", "restores_png") if k in paths)))
     return paths

@@ -203,3 +203,30 @@ def test_usage_errors_are_usage_messages_not_tracebacks(run):
     no_args = run()
     assert "Traceback" not in no_args.stderr
     assert "Usage:" in no_args.stdout + no_args.stderr
+
+
+@pytest.mark.parametrize("args,needle", [(["--methods", "0-9"], "unknown method"),
+                                         (["--modes", "fast"], "unknown mode"),
+                                         (["--repeats", "0"], "--repeats")])
+def test_bench_rejects_bad_options_before_starting_anything(run, tmp_path, args, needle):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    proc = run("bench", str(model), "--results-dir", str(tmp_path / "res"), *args)
+    _error_line(proc, needle)
+    assert not (tmp_path / "res").exists() or not any((tmp_path / "res").iterdir())
+
+
+def test_bench_port_in_use_is_one_line_and_writes_no_results(run, tmp_path):
+    import socket
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        proc = run("bench", str(model), "--port", str(port), "--results-dir", str(tmp_path / "res"))
+    _error_line(proc, str(port))
+    assert not (tmp_path / "res").exists()
