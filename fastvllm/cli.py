@@ -291,6 +291,27 @@ def doctor(as_json: bool = typer.Option(False, "--json")):
         raise typer.Exit(1)
 
 
+@app.command(context_settings=EXTRA)
+def entrypoint(ctx: typer.Context,
+               model: Optional[str] = typer.Argument(None, help="Model directory or hub id "
+                                                          "(default $FASTVLLM_MODEL)."),
+               port: Optional[int] = typer.Option(None, help="Port (default $FASTVLLM_PORT or 8000)."),
+               host: Optional[str] = typer.Option(None, help="Bind address (default $FASTVLLM_HOST or 0.0.0.0)."),
+               snapshot_dir: Optional[Path] = typer.Option(None, help="Snapshot volume "
+                                                           "(default $FASTVLLM_SNAPSHOT_DIR or /snapshots)."),
+               snapshot_on_miss: Optional[bool] = typer.Option(None, "--snapshot-on-miss/--no-snapshot-on-miss",
+                                                               help="Create the snapshot when none matches "
+                                                                    "(default $FASTVLLM_SNAPSHOT_ON_MISS)."),
+               level: Optional[int] = typer.Option(None, help="Snapshot level (default 0 off loopback, 2 on it).")):
+    """Container main process: restore the matching snapshot or cold-start, then serve in the
+    foreground (VLLM_ARGS after --, or $FASTVLLM_VLLM_ARGS)."""
+    from .entrypoint import Config, run
+
+    cfg = Config.from_env(model=model, vllm_args=list(ctx.args), port=port, host=host,
+                          snapshot_root=snapshot_dir, snapshot_on_miss=snapshot_on_miss, level=level)
+    raise typer.Exit(run(cfg))
+
+
 def main() -> None:
     # Typer handles usage errors, --help and exit codes (standalone mode); our own errors
     # become one line on stderr and exit 1, never a traceback.

@@ -335,6 +335,11 @@ _LOG_PATTERNS: list[tuple[re.Pattern[str], str]] = [
 ]
 
 
+# "Error" lines CRIU logs and then carries on from: never the cause of a failure. In a
+# container the tun one comes first on every restore and would hide the real error.
+_HARMLESS_ERRORS = ("RLIMIT_NOFILE", "Unable to create tun")
+
+
 def explain_log(log_path: Path, *, action: str, detail: str = "") -> str:
     """Turn a CRIU log into one line: the known cause and fix, or the first error line."""
     try:
@@ -348,7 +353,7 @@ def explain_log(log_path: Path, *, action: str, detail: str = "") -> str:
             if match.groups() and match.group(1).isdigit():
                 owner = _describe_pid(int(match.group(1)))
             return f"CRIU {action} failed: " + template.format(*match.groups(), owner=owner) + f" (log: {log_path})"
-    errors = [ln for ln in text.splitlines() if "Error" in ln and "RLIMIT_NOFILE" not in ln]
+    errors = [ln for ln in text.splitlines() if "Error" in ln and not any(h in ln for h in _HARMLESS_ERRORS)]
     if errors:  # "(00.1) Error (criu/cr-dump.c:2098): msg" -> "msg"
         first = re.sub(r"^.*?Error\s*(?:\([^)]*\))?:?\s*", "", errors[0]).strip() or errors[0].strip()
     else:

@@ -47,6 +47,18 @@ class ServerSpec:
     def endpoint(self) -> str:
         return f"http://{LOOPBACK if self.host in ('0.0.0.0', '::') else self.host}:{self.port}"
 
+    @property
+    def bind_host(self) -> str:
+        """The address vLLM will bind: a ``--host`` among the extra args overrides ours (vLLM
+        takes the last one), so the dev-endpoint guard must look there too."""
+        host, args = self.host, self.extra_args
+        for i, arg in enumerate(args):
+            if arg == "--host" and i + 1 < len(args):
+                host = args[i + 1]
+            elif arg.startswith("--host="):
+                host = arg.split("=", 1)[1]
+        return host
+
     def command(self) -> list[str]:
         return [sys.executable, "-m", "fastvllm.launcher", sys.executable, "-m", VLLM_ENTRY,
                 "--model", self.model, "--host", self.host, "--port", str(self.port), *self.extra_args]
@@ -61,9 +73,10 @@ class ServerSpec:
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         env.setdefault("DO_NOT_TRACK", "1")
         env.update(self.env)
-        if env.get("VLLM_SERVER_DEV_MODE") == "1" and self.host not in (LOOPBACK, "localhost", "::1"):
+        bind = self.bind_host
+        if env.get("VLLM_SERVER_DEV_MODE") == "1" and bind not in (LOOPBACK, "localhost", "::1"):
             raise FastvllmError(
-                f"refusing to expose vLLM dev endpoints (/sleep, /collective_rpc) on {self.host}",
+                f"refusing to expose vLLM dev endpoints (/sleep, /collective_rpc) on {bind}",
                 fix="use --host 127.0.0.1 (the default)",
             )
         return env

@@ -15,7 +15,7 @@ import pytest
 from fastvllm import server
 from fastvllm.bench import LADDER
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3600)]
 ROOT = Path(__file__).resolve().parents[2]
 
 

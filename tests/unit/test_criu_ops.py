@@ -137,6 +137,14 @@ def test_unknown_error_gives_first_error_line_and_log(tmp_path):
     assert msg.endswith(f"(full log: {path})")
 
 
+def test_container_tun_error_does_not_hide_the_cause(tmp_path):
+    msg, _ = _explain(tmp_path,
+                      "(00.001000) Error (criu/tun.c:90): tun: Unable to create tun: No such file or directory",
+                      "(00.002000) Error (criu/timens.c:40): Unable to write the time namespace offsets",
+                      "(00.004000) Error (criu/cr-restore.c:2400): Restoring FAILED.", action="restore")
+    assert "time namespace offsets" in msg and "create tun" not in msg
+
+
 def test_unknown_error_is_not_a_mangled_fragment(tmp_path):
     line = "(00.003000) Error (criu/cr-dump.c:2098): Frobnication of the zorbulator broke"
     msg, path = _explain(tmp_path, line)
@@ -229,10 +237,13 @@ def test_find_criu_unreadable_version(tmp_path, monkeypatch):
 
 
 def test_pids_in_use_and_wait_pids_free_with_real_process():
-    proc = subprocess.Popen(["sleep", "0.2"])
+    proc = subprocess.Popen(["sleep", "1"])
     try:
+        deadline = time.monotonic() + 5  # on a loaded machine the child may not have exec'd yet
+        while b"sleep" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
         busy = pids_in_use([proc.pid])
-        assert busy == {proc.pid: f"pid {proc.pid} 'sleep 0.2'"}
+        assert busy == {proc.pid: f"pid {proc.pid} 'sleep 1'"}
         t0 = time.monotonic()
         # The child exits on its own; wait_pids_free must also reap the zombie it leaves.
         assert wait_pids_free([proc.pid], timeout=10) == {}

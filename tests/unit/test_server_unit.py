@@ -117,3 +117,19 @@ def test_free_port_is_bindable():
         sock.bind(("127.0.0.1", port))
         sock.listen(1)
         assert sock.getsockname()[1] == port
+
+
+@pytest.mark.parametrize("extra", [["--host", "0.0.0.0"], ["--host=0.0.0.0"], ["--host", "127.0.0.1", "--host", "::"]])
+def test_dev_endpoints_refused_when_extra_args_rebind_the_server(monkeypatch, extra):
+    """vLLM takes the last --host: passing one after `--` must not slip the guard."""
+    monkeypatch.delenv("VLLM_SERVER_DEV_MODE", raising=False)
+    spec = ServerSpec(model="m", extra_args=["--enforce-eager", *extra], env={"VLLM_SERVER_DEV_MODE": "1"})
+    with pytest.raises(FastvllmError, match="refusing to expose vLLM dev endpoints"):
+        spec.environment()
+    assert ServerSpec(model="m", extra_args=extra).bind_host == spec.bind_host != "127.0.0.1"
+
+
+def test_extra_args_that_keep_loopback_are_fine(monkeypatch):
+    monkeypatch.delenv("VLLM_SERVER_DEV_MODE", raising=False)
+    spec = ServerSpec(model="m", extra_args=["--host", "0.0.0.0", "--host=127.0.0.1"], env={"VLLM_SERVER_DEV_MODE": "1"})
+    assert spec.environment()["VLLM_SERVER_DEV_MODE"] == "1"
