@@ -40,12 +40,12 @@ from pathlib import Path
 
 from . import manifest, server
 from .errors import FastvllmError, SnapshotInvalid
+from .launcher import forward_signals
 from .paths import logs_dir, run_dir
 from .progress import Progress
 
 PID_FLOOR = 1000
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 _HASHED_FILE_MAX = 16 << 20  # model files up to this size are hashed; larger ones (weights) by size
 
 
@@ -299,14 +299,7 @@ def _foreground(root_pid: int, follower: "LogFollower", how: str) -> int:
     # to stop, this file only once the server that stays is up.
     ready_file().write_text(f"{root_pid} {how}\n")
 
-    def forward(signum, _frame):
-        try:
-            os.kill(root_pid, signum)
-        except ProcessLookupError:
-            pass
-
-    for sig in FORWARDED:
-        signal.signal(sig, forward)
+    forward_signals(root_pid)
     code = _wait_for(root_pid)
     ready_file().unlink(missing_ok=True)
     follower.stop()

@@ -23,6 +23,19 @@ IO_URING_SYSCALLS = ("io_uring_setup", "io_uring_enter", "io_uring_register")
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
+def forward_signals(pid: int) -> None:
+    """Pass every stop/reload signal we get on to ``pid`` (the tree below us)."""
+
+    def forward(signum, _frame):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
+
+
 def install_filter() -> None:
     """Load a seccomp filter that answers io_uring syscalls with EPERM."""
     import pyseccomp as seccomp
@@ -43,14 +56,7 @@ def supervise(argv: list[str]) -> int:
             print(f"fastvllm launcher: cannot run {argv[0]}: {exc.strerror}", file=sys.stderr)
             os._exit(127)
 
-    def forward(signum, _frame):
-        try:
-            os.kill(child, signum)
-        except ProcessLookupError:
-            pass
-
-    for sig in FORWARDED:
-        signal.signal(sig, forward)
+    forward_signals(child)
     while True:
         try:
             _, status = os.waitpid(child, 0)
