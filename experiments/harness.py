@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from fastvllm.bench.phases import first_token_from_spawn  # noqa: F401  (re-exported for the experiments)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -51,21 +51,16 @@ def parser(doc: str, default_size: str) -> argparse.ArgumentParser:
     return p
 
 
-def first_token_from_spawn(out: dict, wall: float) -> float:
-    """Seconds from spawning the command to the first streamed token: the process start-up
-    (wall minus the command's own total) plus the command's own first-token time."""
-    t = out["timings"]
-    return round(wall - t["total_s"] + t["first_token_s"], 3)
-
-
 def stop_all() -> None:
     subprocess.run([sys.executable, "-m", "fastvllm.cli", "stop", "--all"], capture_output=True)
 
 
 def drop_caches() -> bool:
+    """Drop the whole page cache if permitted; False when not (the run stays warm)."""
+    from fastvllm.prefetch import drop_page_cache
+
     try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        drop_page_cache()
         return True
     except OSError:
         return False

@@ -59,25 +59,11 @@ def serve(ctx: typer.Context, model: str = typer.Argument(..., help="Model direc
     spec = server.ServerSpec(model=resolve_model(model), port=port, extra_args=list(ctx.args))
     log_path = logs_dir() / f"serve-{secrets.token_hex(6)}.log"
     with progress.step(f"starting vLLM server on port {port}"):
-        proc = server.launch(spec, log_path)
-        record = registry.add(registry.ServerRecord(root_pid=proc.pid, pids=[proc.pid], endpoint=spec.endpoint,
-                                                    model=spec.model, how="serve", log=str(log_path)))
-        try:
-            server.wait_healthy(spec.endpoint, proc.pid, 900, log_path)
-        except BaseException:
-            server.stop_tree(proc.pid)
-            registry.remove(proc.pid)
-            raise
-    healthy_s = progress.elapsed()
-    name = server.served_model(spec.endpoint)
-    asked = progress.elapsed()
-    ttft, _ = server.complete(spec.endpoint, name, server.CANARY_PROMPT)
-    first_token_s = asked + ttft
-    record.pids = server.tree_pids(proc.pid)
-    registry.add(record)
-    timings = {"healthy_s": round(healthy_s, 3), "first_token_s": round(first_token_s, 3),
+        started = server.start_and_probe(spec, log_path, "serve", progress.elapsed, server.CANARY_PROMPT)
+    proc = started.proc
+    timings = {"healthy_s": round(started.healthy_s, 3), "first_token_s": round(started.first_token_s, 3),
                "total_s": round(progress.elapsed(), 3)}
-    _emit({"endpoint": spec.endpoint, "pids": record.pids, "log": str(log_path), "timings": timings}, as_json,
+    _emit({"endpoint": spec.endpoint, "pids": started.pids, "log": str(log_path), "timings": timings}, as_json,
           [f"serving {spec.model} at {spec.endpoint} (pid {proc.pid}, log {log_path})", _timings_line(timings)])
 
 
@@ -132,10 +118,9 @@ app.add_typer(cache_app, name="cache")
 
 
 def _snapshot_files(snapshot: Path) -> list[Path]:
-    from . import manifest
     from .restore import snapshot_files
 
-    return snapshot_files(snapshot.absolute(), manifest.load(snapshot.absolute()))
+    return snapshot_files(snapshot.absolute())
 
 
 @cache_app.command("status")

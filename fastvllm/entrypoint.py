@@ -264,28 +264,15 @@ def _cold_start(cfg: Config, model: str, progress: Progress, follower: "LogFollo
     token, then serve in the foreground."""
     import secrets
 
-    from . import registry
-
     if follower is None:
         follower = LogFollower()
         follower.start()
     spec = server.ServerSpec(model=model, port=cfg.port, host=cfg.host, extra_args=list(cfg.vllm_args))
     log_path = logs_dir() / f"serve-{secrets.token_hex(6)}.log"
     with progress.step(f"cold-starting vLLM for {model} on {cfg.host}:{cfg.port}"):
-        proc = server.launch(spec, log_path)
-        registry.add(registry.ServerRecord(root_pid=proc.pid, pids=[proc.pid], endpoint=spec.endpoint,
-                                           model=model, how="serve", log=str(log_path)))
-        try:
-            server.wait_healthy(spec.endpoint, proc.pid, float(os.environ.get("FASTVLLM_HEALTH_TIMEOUT", "900")),
-                                log_path)
-            asked = progress.elapsed()
-            ttft, _ = server.complete(spec.endpoint, server.served_model(spec.endpoint), server.WARMUP_PROMPT)
-        except BaseException:
-            server.stop_tree(proc.pid)
-            registry.remove(proc.pid)
-            raise
-    _say(f"cold start: first token after {asked + ttft:.2f} s (since the entrypoint started)")
-    return _foreground(proc.pid, follower, "cold-started")
+        started = server.start_and_probe(spec, log_path, "serve", progress.elapsed)
+    _say(f"cold start: first token after {started.first_token_s:.2f} s (since the entrypoint started)")
+    return _foreground(started.proc.pid, follower, "cold-started")
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,11 +282,10 @@ def _cold_start(cfg: Config, model: str, progress: Progress, follower: "LogFollo
 def _foreground(root_pid: int, follower: "LogFollower", how: str) -> int:
     """Forward signals to the server's root, reap every child, return the root's status."""
     _say(f"serving ({how}); root pid {root_pid}")
+    forward_signals(root_pid)  # before anyone can see us ready (and so send a stop)
     # For a startup probe: /health alone also answers from the server a snapshot is about
     # to stop, this file only once the server that stays is up.
     ready_file().write_text(f"{root_pid} {how}\n")
-
-    forward_signals(root_pid)
     code = _wait_for(root_pid)
     ready_file().unlink(missing_ok=True)
     follower.stop()

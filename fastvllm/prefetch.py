@@ -183,6 +183,13 @@ def residency(paths: Iterable[str | os.PathLike]) -> list[Residency]:
 # ----------------------------------------------------------------------------- evict
 
 
+def drop_page_cache() -> None:
+    """sync, then drop the whole page cache (root, outside restricted containers; raises
+    OSError otherwise). It slows every process on the host: only when asked."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
 def evict(paths: Iterable[str | os.PathLike]) -> None:
     """Drop the files' clean pages from the page cache (benchmarks and tests of cold restores)."""
     files = [os.path.abspath(p) for p in paths]

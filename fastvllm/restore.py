@@ -96,10 +96,11 @@ def _check_versions(meta: dict, criu: criu_ops.Criu) -> None:
 PREFETCH_MODES = ("overlap", "before", "off")
 
 
-def snapshot_files(snapshot: Path, meta: dict) -> list[Path]:
+def snapshot_files(snapshot: Path, meta: dict | None = None) -> list[Path]:
     """The files a restore reads, in the order it needs them (CRIU images, then weights)."""
     from . import prefetch
 
+    meta = meta if meta is not None else manifest.load(snapshot)
     weights_in_order = []
     if meta.get("level", 0) == 2:
         weights_in_order = [f for f in manifest.weight_files(meta["weights"], snapshot) if f.endswith(".safetensors")]
@@ -240,9 +241,10 @@ def _resident(files: list[Path]) -> tuple[int, int] | None:
 
 def _drop_all_caches() -> None:
     """Drop the whole page cache: only when asked (it slows every process on the host)."""
+    from . import prefetch
+
     try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        prefetch.drop_page_cache()
     except OSError as exc:
         raise FastvllmError(f"cannot drop the page cache: {exc.strerror}",
                             fix="run as root outside a restricted container, or use --cold alone") from None

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import httpx
 import psutil
@@ -24,6 +25,7 @@ import psutil
 from .errors import FastvllmError, ServerFailed
 
 DEFAULT_PORT = 8000
+HEALTH_TIMEOUT_S = float(os.environ.get("FASTVLLM_HEALTH_TIMEOUT", "900"))
 LOOPBACK = "127.0.0.1"
 VLLM_ENTRY = "vllm.entrypoints.launchers.api_server.entry"
 
@@ -124,6 +126,39 @@ def launch(spec: ServerSpec, log_path: Path) -> subprocess.Popen:
             spec.command(), env=spec.environment(), stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, cwd="/",
         )
+
+
+class Started(NamedTuple):
+    proc: subprocess.Popen
+    pids: list[int]
+    served_name: str
+    healthy_s: float
+    first_token_s: float
+
+
+def start_and_probe(spec: ServerSpec, log_path: Path, how: str, clock: Callable[[], float],
+                    prompt: str = WARMUP_PROMPT) -> Started:
+    """Launch the tree, register it (so ``ps``/``stop`` see it while it loads), wait for
+    /health and stream one completion; times are read off ``clock``. A server that fails on
+    the way is stopped and unregistered."""
+    from . import registry
+
+    proc = launch(spec, log_path)
+    record = registry.add(registry.ServerRecord(root_pid=proc.pid, pids=[proc.pid], endpoint=spec.endpoint,
+                                                model=spec.model, how=how, log=str(log_path)))
+    try:
+        wait_healthy(spec.endpoint, proc.pid, HEALTH_TIMEOUT_S, log_path)
+        healthy_s = clock()
+        name = served_model(spec.endpoint)
+        asked = clock()
+        ttft, _ = complete(spec.endpoint, name, prompt)
+    except BaseException:
+        stop_tree(proc.pid)
+        registry.remove(proc.pid)
+        raise
+    record.pids = tree_pids(proc.pid) or record.pids  # the whole tree, now that it is up
+    registry.add(record)
+    return Started(proc, record.pids, name, healthy_s, asked + ttft)
 
 
 def wait_healthy(endpoint: str, root_pid: int, timeout: float, log_path: Path | None = None) -> None:

@@ -17,9 +17,6 @@ from .errors import FastvllmError
 from .paths import logs_dir
 from .progress import Progress
 
-HEALTH_TIMEOUT_S = float(os.environ.get("FASTVLLM_HEALTH_TIMEOUT", "900"))
-
-
 def default_out(model: str) -> Path:
     name = Path(model.rstrip("/")).name or "model"
     return Path("fastvllm-snapshots") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -85,17 +82,9 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
     shm: set[str] = set()
     remaps_before = external_files.link_remaps_in_shm()  # other trees' files: never ours to remove
     try:
-        with progress.step(f"starting vLLM server for {model} on port {port}"):
-            proc = server.launch(spec, log_path)
-            registry.add(registry.ServerRecord(root_pid=proc.pid, pids=[proc.pid], endpoint=spec.endpoint,
-                                               model=model, how="snapshot", log=str(log_path)))
-            server.wait_healthy(spec.endpoint, proc.pid, HEALTH_TIMEOUT_S, log_path)
-        healthy_s = progress.elapsed()
-        name = server.served_model(spec.endpoint)
-        with progress.step("warming up with one request"):
-            asked = progress.elapsed()
-            ttft, _ = server.complete(spec.endpoint, name, server.WARMUP_PROMPT)
-        first_token_s = asked + ttft
+        with progress.step(f"starting vLLM server for {model} on port {port} and warming it up"):
+            proc, _, name, healthy_s, first_token_s = server.start_and_probe(spec, log_path, "snapshot",
+                                                                             progress.elapsed)
         _, canary = server.complete(spec.endpoint, name, server.CANARY_PROMPT)
         progress.note(f"canary completion: {canary!r}")
         weight_record, released = None, None

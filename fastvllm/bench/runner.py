@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import manifest, server
+from ..restore import snapshot_files
 from ..errors import FastvllmError
 from . import machine, phases
 from .methods import BY_ID, Method, unavailable_methods
@@ -146,7 +147,7 @@ class _Bench:
                 snap = self.snapshots.get((mode, method.level))
                 if not isinstance(snap, Path):
                     raise _Skip(snap or "no snapshot")
-                files = _snapshot_files(snap)
+                files = snapshot_files(snap)
                 argv = ["restore", str(snap), *method.restore_args]
                 env = self._env(self.kept_cache)
             else:
@@ -230,19 +231,12 @@ def _set_cache(state: str, files: list[Path]) -> str:
     if state == "warm":
         prefetch.warm(files)
         return "warmed the run's files"
-    os.sync()
     try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        prefetch.drop_page_cache()
         return "dropped the whole page cache"
     except OSError:
         prefetch.evict(files)
         return "evicted the run's files (cannot drop the whole page cache here)"
-
-
-def _snapshot_files(snapshot: Path) -> list[Path]:
-    from ..restore import snapshot_files
-
-    return snapshot_files(snapshot, manifest.load(snapshot))
 
 
 def _files_under(path: Path) -> list[Path]:
