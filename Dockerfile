@@ -34,6 +34,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 WORKDIR /opt/fastvllm
 
 COPY scripts/setup_system.sh scripts/build_criu.sh scripts/
+COPY patches/ patches/
 COPY docker/inputs/ docker/inputs/
 RUN apt-get update -qq \
  && apt-get install -y -qq --no-install-recommends python3 python3-venv ca-certificates >/dev/null \
@@ -89,6 +90,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 WORKDIR /opt/fastvllm
 
 COPY scripts/setup_system.sh scripts/build_criu.sh scripts/
+COPY patches/ patches/
 COPY docker/inputs/ docker/inputs/
 # build_criu.sh also builds and installs CRIU's cuda plugin (cuda_plugin.so).
 RUN bash scripts/setup_system.sh \

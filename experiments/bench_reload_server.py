@@ -33,7 +33,7 @@ def main() -> None:
     model = bundled_model(args.size)
     files = sorted(str(p) for p in Path(model).glob("*.safetensors"))
     weight_bytes = sum(Path(f).stat().st_size for f in files)
-    extra, env = engine.level2_server_options()
+    extra, env = engine.sleep_server_options()
     spec = server.ServerSpec(model=str(model.resolve()), port=server.free_port(), extra_args=["--enforce-eager", *extra],
                              env=env)
     log = logs_dir() / f"bench-reload-{time.strftime('%Y%m%d-%H%M%S')}.log"

@@ -3,9 +3,10 @@
     ./run.sh bench [--model tiny|small|PATH] [--repeats 3] [fastvllm bench options] [-- VLLM_ARGS]
 
 Builds the bundled model if needed, then runs ``fastvllm bench MODEL`` (see its --help):
-methods 1-6 x eager/compiled x warm/evicted page cache x repeats. Results go to a new
-directory experiments/results/ladder-<model>-<time>/: runs/*.json (raw, one per run),
-summary.csv, table.md and ladder.png.
+every method (1-13, see fastvllm/bench/methods.py; narrow with --methods 1,3,8,9) x
+eager/compiled x warm/evicted page cache x repeats; after each start-up, the server's decode
+tokens/s. Results go to a new directory experiments/results/ladder-<model>-<time>/:
+runs/*.json (raw, one per run), summary.csv, table.md and ladder.png.
 """
 
 from __future__ import annotations

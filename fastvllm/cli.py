@@ -38,14 +38,24 @@ def _timings_line(timings: dict) -> str:
 
 @app.command("make-model")
 def make_model_cmd(out: Path = typer.Argument(..., help="Directory to create (must not exist or be empty)."),
-                   size: str = typer.Option("tiny", help="tiny (~15 MB) or small (~0.9 GB)."),
+                   size: Optional[str] = typer.Option(None, help="tiny (~12 MB, the default) or small (~0.9 GB)."),
+                   like: Optional[str] = typer.Option(None, help="A real checkpoint's exact shapes with random "
+                                                      "weights: llama-3.2-1b, llama-3.2-3b (6.4 GB), llama-3.1-8b."),
                    seed: int = typer.Option(0, help="Random seed (same seed, same bytes)."),
                    as_json: bool = typer.Option(False, "--json")):
     """Write a random-init Llama model with a locally trained tokenizer (no hub needed)."""
-    from .model_maker import make_model
+    from .model_maker import SIZES, make_model
 
-    info = make_model(out, size=size, seed=seed)
-    _emit(info, as_json, [f"model written to {info['path']} ({info['weight_bytes'] / 1e6:.1f} MB of weights)"])
+    if size is not None and like is not None:
+        raise FastvllmError("--size and --like are exclusive", fix="pass one of them")
+    if size is not None and size not in SIZES:
+        raise FastvllmError(f"unknown --size {size}", fix=f"choose one of {', '.join(SIZES)}, or use --like")
+    try:
+        info = make_model(out, size=size, seed=seed, like=like)
+    except FileExistsError as exc:
+        raise FastvllmError(str(exc)) from None
+    _emit(info, as_json, [f"model written to {info['path']} ({info['weight_bytes'] / 1e6:.1f} MB of weights, "
+                          f"{info['params'] / 1e6:.0f}M params, {info['seconds']:.1f}s)"])
 
 
 @app.command(context_settings=EXTRA)
@@ -71,8 +81,10 @@ def serve(ctx: typer.Context, model: str = typer.Argument(..., help="Model direc
 def snapshot(ctx: typer.Context, model: str = typer.Argument(..., help="Model directory or hub id."),
              out: Optional[Path] = typer.Option(None, "--out", "-o", help="Snapshot directory to create."),
              port: int = typer.Option(server.DEFAULT_PORT, help="Port the server (and every restore) listens on."),
-             level: int = typer.Option(2, help="2: release weights and KV cache before the dump and reload "
-                                                "the weights on restore (small image); 0: whole process."),
+             level: Optional[int] = typer.Option(None, help="1: release the KV cache before the dump (the image keeps "
+                                                          "the packed weights; default on CPU); 2: release weights "
+                                                          "and KV cache, reload the weights on restore (smallest "
+                                                          "image; default on GPU); 0: whole process."),
              copy_weights: bool = typer.Option(False, "--copy-weights",
                                                help="Level 2: copy the safetensors into the snapshot "
                                                     "instead of referencing the model directory."),
@@ -99,6 +111,10 @@ def restore(snapshot: Path = typer.Argument(..., help="Snapshot directory."),
             cold: bool = typer.Option(False, "--cold", help="Evict the snapshot's files from the page cache first."),
             drop_caches: bool = typer.Option(False, "--drop-caches",
                                              help="With --cold: drop the whole page cache (root only)."),
+            memory: str = typer.Option("auto", help="CRIU memory engine: auto (mmap where the patched CRIU "
+                                                    "has it, else copy), copy (read the page images), hugepage "
+                                                    "(copy into transparent huge pages), mmap (map the page "
+                                                    "images copy-on-write: zero-copy), lazy (userfaultfd)."),
             as_json: bool = typer.Option(False, "--json")):
     """Restore a snapshot's server (same port), check its canary, leave it serving."""
     from .restore import restore_snapshot
@@ -108,8 +124,12 @@ def restore(snapshot: Path = typer.Argument(..., help="Snapshot directory."),
     tuning = {"threads": threads, "chunk_bytes": chunk_mb * 2**20 if chunk_mb else None, "buffers": buffers}
     result = restore_snapshot(snapshot, Progress(quiet=as_json), loader=loader, tuning=tuning,
                               prefetch_mode=prefetch, cold=cold, drop_caches=drop_caches,
-                              measure_residency=as_json)
-    _emit(result, as_json, [f"serving again at {result['endpoint']} (pids {result['pids']})",
+                              measure_residency=as_json, memory=memory)
+    mem = result["memory"]
+    _emit(result, as_json, [f"serving again at {result['endpoint']} (pids {result['pids']}, "
+                            f"level {result['level']}, {mem['engine']} memory"
+                            + (f"; fell back: {mem['fallback']}" if mem["fallback"] and mem["requested"] != "auto" else "")
+                            + ")",
                             _timings_line(result["timings"])])
 
 
@@ -169,7 +189,7 @@ def cache_evict(snapshot: Path, as_json: bool = typer.Option(False, "--json")):
 @app.command(context_settings=EXTRA)
 def bench(ctx: typer.Context, model: str = typer.Argument(..., help="Model directory or hub id."),
           repeats: int = typer.Option(3, help="Runs of each method in each mode and page-cache state."),
-          methods: str = typer.Option("1-6", help="Ladder steps to run (numbered above), e.g. 1-6 or 1,3,5."),
+          methods: str = typer.Option("all", help="Ladder steps to run (numbered above): all, or e.g. 1-6 or 1,3,8,9."),
           modes: str = typer.Option("eager,compiled", help="Server modes: eager (--enforce-eager), compiled."),
           caches: str = typer.Option("warm,evicted", help="Page-cache states: warm, evicted."),
           port: int = typer.Option(server.DEFAULT_PORT, help="Port every server of the run listens on."),
@@ -178,10 +198,13 @@ def bench(ctx: typer.Context, model: str = typer.Argument(..., help="Model direc
           work_dir: Path = typer.Option(Path("/var/tmp"), help="Where the run's snapshots and caches live."),
           keep_work: bool = typer.Option(False, help="Keep the snapshots and compile caches afterwards."),
           as_json: bool = typer.Option(False, "--json", help="Print the summary rows as one JSON object.")):
-    """Time every start-up method side by side: 1 cold (compile caches cleared), 2 cold (caches
-    kept), 3 CRIU level 0, 4 level 2 + vLLM reload_weights, 5 level 2 + fast reloader, 6 as 5
-    with overlapped prefetch; warm and evicted page cache; eager and compiled. Writes raw
-    JSON per run, summary.csv, table.md and ladder.png. ARGS after -- go to every server."""
+    """Time every start-up method side by side, then each server's decode tokens/s: 1 cold
+    (compile caches cleared), 2 cold (caches kept); CRIU restores with --memory copy: 3 level 0,
+    4 level 2 + vLLM reload_weights, 5 level 2 + fast reloader, 6 as 5 with overlapped prefetch,
+    8 level 1 (KV cache released); other memory engines: 7 level 0 mmap, 9 level 1 mmap,
+    10 level 1 hugepage, 11 level 1 lazy, 12 level 2 fast reloader mmap, 13 level 1 auto;
+    warm and evicted page cache; eager and compiled. Writes raw JSON per run, summary.csv,
+    table.md and ladder.png. ARGS after -- go to every server."""
     from .bench import LadderConfig, run_ladder, report
     from .bench.methods import parse_ids
     from .paths import REPO_ROOT
@@ -189,7 +212,7 @@ def bench(ctx: typer.Context, model: str = typer.Argument(..., help="Model direc
     try:
         ids = parse_ids(methods)
     except ValueError as exc:
-        raise FastvllmError(str(exc), fix="use --methods 1-6 or a list such as 1,3,5") from None
+        raise FastvllmError(str(exc), fix="use --methods all, a range such as 1-6 or a list such as 1,3,8,9") from None
     if results_dir is None:
         clone = REPO_ROOT / "experiments"
         results_dir = clone / "results" if clone.is_dir() else Path("bench-results")
@@ -287,7 +310,7 @@ def entrypoint(ctx: typer.Context,
                snapshot_on_miss: Optional[bool] = typer.Option(None, "--snapshot-on-miss/--no-snapshot-on-miss",
                                                                help="Create the snapshot when none matches "
                                                                     "(default $FASTVLLM_SNAPSHOT_ON_MISS)."),
-               level: Optional[int] = typer.Option(None, help="Snapshot level (default 0 off loopback, 2 on it).")):
+               level: Optional[int] = typer.Option(None, help="Snapshot level (default 0 off loopback, the CLI's default on it).")):
     """Container main process: restore the matching snapshot or cold-start, then serve in the
     foreground (VLLM_ARGS after --, or $FASTVLLM_VLLM_ARGS)."""
     from .entrypoint import Config, run

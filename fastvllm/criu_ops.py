@@ -11,10 +11,13 @@ cannot dump any TCP socket on kernels >= 6.16.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -204,43 +207,352 @@ class RestoreOptions:
     file_locks: bool = True
     log_level: int = field(default_factory=lambda: int(os.environ.get("FASTVLLM_CRIU_LOG_LEVEL", "4")))
     extra_cli: list[str] = field(default_factory=list)
+    memory: str = "copy"  # one of MEMORY_ENGINES; see memory_engines()
+
+
+# How private anonymous memory comes back (patches/criu/0001-restore-memory-engines.patch):
+#   copy      upstream CRIU: preadv() the pages image into fresh 4 KiB pages.
+#   hugepage  the same read, into transparent huge pages the restorer asks for first.
+#   mmap      large runs of the image mapped MAP_PRIVATE: no copy at restore, pages are read
+#             on first touch and copied on first write. The image files stay mapped for the
+#             process's life, so they must never be rewritten in place (write a new file and
+#             rename it instead), and MADV_DONTNEED on such memory brings back image bytes,
+#             not zeros (glibc's calloc still clears what it reuses: see the memhog test).
+#   lazy      CRIU's own userfaultfd lazy pages, served by a `criu lazy-pages` daemon.
+MEMORY_ENGINES = ("copy", "hugepage", "mmap", "lazy")
+PATCHED_ENGINES = ("hugepage", "mmap")  # need fastvllm's CRIU patch
+RESTORE_MEMORY_ENV = "CRIU_RESTORE_MEMORY"
+LAZY_SOCKET = "lazy-pages.socket"
+LAZY_START_TIMEOUT_S = 10.0
+_ENV_LOCK = threading.Lock()  # os.environ is process-wide: one RPC restore sets it at a time
 
 
 def restore_tree(criu: Criu, images_dir: Path, opts: RestoreOptions | None = None) -> tuple[int, Path]:
     """Restore the tree in ``images_dir``, detached; returns (root pid, CRIU log path).
 
     The images directory is only read: CRIU's log and work files go to the run dir, so a
-    snapshot on a read-only volume restores and is never modified.
+    snapshot on a read-only volume restores and is never modified. ``opts.memory`` picks
+    the memory engine; an engine this CRIU lacks is an error, not a silent copy.
     """
     opts = opts or RestoreOptions()
+    if opts.memory not in MEMORY_ENGINES:
+        raise FastvllmError(f"unknown restore memory engine {opts.memory!r}",
+                            fix=f"use one of {', '.join(MEMORY_ENGINES)}")
+    patched = restore_memory_support(criu)
+    if opts.memory in PATCHED_ENGINES and opts.memory not in patched:
+        raise FastvllmError(f"CRIU at {criu.binary} has no {opts.memory} memory engine "
+                            "(not built with fastvllm's patches)",
+                            fix="run ./run.sh setup (or bash scripts/build_criu.sh) to rebuild it with patches/criu/")
     log_path = _new_log_path("restore")
+    lazy = None
+    if opts.memory == "lazy":
+        # Restore and daemon meet on a socket in the work dir: one dir per restore, so two
+        # lazy restores at once never share it.
+        log_path = _lazy_work_dir(log_path) / log_path.name
+        lazy = _start_lazy_daemon(criu, images_dir, log_path.parent, opts.log_level)
+    # The engine the patched restorer applies ("copy" for lazy: its pages are not read).
+    engine = opts.memory if opts.memory in PATCHED_ENGINES else "copy"
     try:
-        if _pycriu_available():
-            pid = _restore_rpc(criu, images_dir, opts, log_path)
-        else:
-            pid = _restore_cli(criu, images_dir, opts, log_path)
-    except _CriuCallFailed as exc:
-        raise CriuFailed(explain_log(log_path, action="restore", detail=str(exc))) from None
+        try:
+            if _pycriu_available():
+                pid = _restore_rpc(criu, images_dir, opts, log_path, engine if patched else None, lazy is not None)
+            else:
+                pid = _restore_cli(criu, images_dir, opts, log_path, engine if patched else None, lazy is not None)
+        except _CriuCallFailed as exc:
+            raise CriuFailed(explain_log(log_path, action="restore", detail=str(exc))) from None
+    except BaseException:
+        if lazy is not None:
+            _stop(lazy)
+        raise
+    if lazy is not None:
+        _LAZY_DAEMONS.append(lazy)  # exits by itself once every page is served; reaped later
     return pid, log_path
 
 
-def _restore_rpc(criu: Criu, images_dir: Path, opts: RestoreOptions, log_path: Path) -> int:
+def _restore_rpc(criu: Criu, images_dir: Path, opts: RestoreOptions, log_path: Path,
+                 engine: str | None = None, lazy: bool = False) -> int:
     with _rpc_client(criu, images_dir, opts, log_path) as (client, _):
         # The restored root becomes our child rather than criu swrk's, and is reparented to
         # init when this command exits: it keeps serving after `fastvllm restore` returns.
         client.opts.rst_sibling = True
-        return int(client.restore().pid)
+        if lazy:
+            client.opts.lazy_pages = True
+        if engine is None:  # an unpatched CRIU: leave its environment alone
+            return int(client.restore().pid)
+        # The RPC has no field for the engine: criu swrk, forked from here per request,
+        # reads it from the environment it inherits.
+        with _ENV_LOCK:
+            saved = os.environ.get(RESTORE_MEMORY_ENV)
+            os.environ[RESTORE_MEMORY_ENV] = engine
+            try:
+                return int(client.restore().pid)
+            finally:
+                if saved is None:
+                    os.environ.pop(RESTORE_MEMORY_ENV, None)
+                else:
+                    os.environ[RESTORE_MEMORY_ENV] = saved
 
 
-def _restore_cli(criu: Criu, images_dir: Path, opts: RestoreOptions, log_path: Path) -> int:
+def _restore_cli(criu: Criu, images_dir: Path, opts: RestoreOptions, log_path: Path,
+                 engine: str | None = None, lazy: bool = False) -> int:
     pidfile = log_path.with_suffix(".pid")
     cmd = [str(criu.binary), "restore", "-d", "-D", str(images_dir), "-W", str(log_path.parent),
            "-o", log_path.name, f"-v{opts.log_level}", "--pidfile", str(pidfile)]
     cmd += _flag_args(opts)
+    if engine is not None:
+        cmd += ["--restore-memory", engine]
+    if lazy:
+        cmd.append("--lazy-pages")
     if shutil.which("iptables") is None:
         cmd += ["--network-lock", "skip"]
     _run_cli(cmd + opts.extra_cli)
     return int(pidfile.read_text().strip())
+
+
+# ---------------------------------------------------------------------------------------
+# memory engines
+
+
+_LAZY_DAEMONS: list[subprocess.Popen] = []
+
+
+def _lazy_work_dir(log_path: Path) -> Path:
+    work = criu_work_dir()
+    old = sorted(p for p in work.glob("lazy-*") if p.is_dir())
+    for stale in old[:-KEEP_LOGS]:
+        shutil.rmtree(stale, ignore_errors=True)
+    sub = work / f"lazy-{log_path.stem.removeprefix('restore-')}"
+    sub.mkdir(mode=0o700, exist_ok=True)
+    (sub / LAZY_SOCKET).unlink(missing_ok=True)
+    return sub
+
+
+def _start_lazy_daemon(criu: Criu, images_dir: Path, work_dir: Path, log_level: int) -> subprocess.Popen:
+    """Start ``criu lazy-pages`` detached and wait until it listens.
+
+    Its own session, so a signal to our process group never reaches it in the middle of
+    serving a restored server's page faults; it exits once every page is delivered.
+    """
+    for proc in list(_LAZY_DAEMONS):  # reap the ones that finished
+        if proc.poll() is not None:
+            _LAZY_DAEMONS.remove(proc)
+    log = work_dir / "lazy-pages.log"
+    cmd = [str(criu.binary), "lazy-pages", "-D", str(images_dir), "-W", str(work_dir),
+           "-o", log.name, f"-v{log_level}"]
+    with open(work_dir / "lazy-pages.out", "wb") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + LAZY_START_TIMEOUT_S
+    while not (work_dir / LAZY_SOCKET).exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop(proc)
+            raise CriuFailed(explain_log(log, action="lazy-pages", detail="the lazy-pages daemon did not start"))
+        time.sleep(0.01)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=10)
+
+
+@functools.lru_cache(maxsize=None)
+def _version_text(binary: Path) -> str:
+    try:
+        return subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def parse_restore_memory_line(version_text: str) -> tuple[str, ...]:
+    """The engines a patched CRIU's ``--version`` lists (``Restore-memory: copy hugepage mmap``)."""
+    match = re.search(r"^Restore-memory:\s*(.*)$", version_text, re.M)
+    return tuple(match.group(1).split()) if match else ()
+
+
+def restore_memory_support(criu: Criu) -> tuple[str, ...]:
+    """Engines the binary's restorer implements; empty for an unpatched CRIU."""
+    return parse_restore_memory_line(_version_text(criu.binary))
+
+
+@functools.lru_cache(maxsize=None)
+def _lazy_pages_reason(binary: Path) -> str | None:
+    try:
+        proc = subprocess.run([str(binary), "check", "--feature", "uffd-noncoop"], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"criu check failed: {exc}"
+    if proc.returncode == 0:
+        return None
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip() and "RLIMIT_NOFILE" not in ln]
+    return "no non-cooperative userfaultfd in this kernel (criu check --feature uffd-noncoop" + \
+        (f": {lines[-1].strip()[:120]})" if lines else ")")
+
+
+def memory_engines(criu: Criu) -> dict[str, str | None]:
+    """Each engine -> None if it runs here, else the one-line reason it does not.
+
+    ``hugepage`` is listed as available when the patch and THP are there; whether the
+    kernel has free huge pages *now* is :func:`hugepages_ready`'s question, per restore.
+    """
+    patched = restore_memory_support(criu)
+    unpatched = f"CRIU at {criu.binary} is not built with fastvllm's patches (patches/criu/)"
+    out: dict[str, str | None] = {"copy": None}
+    thp = thp_mode()
+    if "hugepage" not in patched:
+        out["hugepage"] = unpatched
+    elif thp == "never":
+        out["hugepage"] = "transparent huge pages are off (/sys/kernel/mm/transparent_hugepage/enabled is never)"
+    elif thp is None:
+        out["hugepage"] = "this kernel has no transparent huge pages"
+    else:
+        out["hugepage"] = None
+    out["mmap"] = None if "mmap" in patched else unpatched
+    out["lazy"] = _lazy_pages_reason(criu.binary)
+    return out
+
+
+THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+BUDDYINFO = Path("/proc/buddyinfo")
+HUGE_ORDER = 9  # 2 MiB = 2**9 pages of 4 KiB
+HUGE_BYTES = 2 << 20
+
+
+def thp_mode(text: str | None = None) -> str | None:
+    """The selected THP mode (``always``/``madvise``/``never``), None without THP."""
+    if text is None:
+        try:
+            text = THP_ENABLED.read_text()
+        except OSError:
+            return None
+    match = re.search(r"\[(\w+)\]", text)
+    return match.group(1) if match else None
+
+
+def free_huge_blocks(buddyinfo: str) -> int:
+    """How many 2 MiB blocks the buddy allocator has free right now, without compacting.
+
+    A free block of order o >= 9 holds 2**(o-9) huge pages.
+    """
+    total = 0
+    for line in buddyinfo.splitlines():
+        fields = line.split()
+        if "zone" not in fields:
+            continue
+        counts = fields[fields.index("zone") + 2:]
+        for order, count in enumerate(counts):
+            if order >= HUGE_ORDER and count.isdigit():
+                total += int(count) << (order - HUGE_ORDER)
+    return total
+
+
+VIRTIO_DEVICES = Path("/sys/bus/virtio/devices")
+VIRTIO_ID_BALLOON = 5
+VIRTIO_BALLOON_F_REPORTING = 5  # feature bit: the guest reports free pages to the host
+
+
+def free_page_reporting(devices: Path | None = None) -> bool:
+    """Whether a virtio-balloon with free page reporting is active (VMs like Firecracker).
+
+    The kernel then reports free blocks of order >= 9, exactly the 2 MiB blocks huge pages
+    come from, to the hypervisor, which discards their backing; faulting them back in costs
+    a host fault per 4 KiB. Low-order free pages are never reported, so 4 KiB allocations
+    (the copy engine) mostly land on still-backed memory.
+    """
+    root = devices or VIRTIO_DEVICES
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return False
+    for dev in entries:
+        try:
+            if int((dev / "device").read_text().strip(), 16) != VIRTIO_ID_BALLOON:
+                continue
+            bits = (dev / "features").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if len(bits) > VIRTIO_BALLOON_F_REPORTING and bits[VIRTIO_BALLOON_F_REPORTING] == "1":
+            return True
+    return False
+
+
+def hugepages_ready(nbytes: int, *, buddyinfo: str | None = None, thp: str | None = None,
+                    reporting: bool | None = None) -> tuple[bool, str]:
+    """Whether ``nbytes`` of huge pages can be had now without stalling; (ok, why).
+
+    Two ways a huge page fault stalls: free 2 MiB blocks run short and the kernel compacts
+    memory first, or (in a VM with free page reporting, see :func:`free_page_reporting`)
+    the free blocks are no longer backed by the host. On this project's Firecracker VMs the
+    second is what happens: a 2 GiB hugepage restore took 4.5-8.5 s with no compaction at
+    all (compact_stall unchanged) against ~1 s for copy. Callers fall back to ``copy`` on
+    False. ``reporting=False`` asks only whether the kernel *can* hand the pages out.
+    """
+    mode = thp if thp is not None else thp_mode()
+    if mode is None:
+        return False, "this kernel has no transparent huge pages"
+    if mode == "never":
+        return False, "transparent huge pages are off (enabled = never)"
+    if buddyinfo is None:
+        try:
+            buddyinfo = BUDDYINFO.read_text()
+        except OSError:
+            return False, "cannot read /proc/buddyinfo"
+    need = -(-max(nbytes, 0) // HUGE_BYTES)
+    free = free_huge_blocks(buddyinfo)
+    if free < need:
+        return False, (f"only {free} free 2 MiB blocks for {need} huge pages "
+                       f"({nbytes / 2**20:.0f} MiB): the kernel would have to compact memory")
+    if reporting is None:
+        reporting = free_page_reporting()
+    if reporting:
+        return False, ("virtio-balloon free page reporting hands free 2 MiB blocks back to the hypervisor: "
+                       "faulting them back in makes huge pages slower than copy here")
+    return True, f"{free} free 2 MiB blocks for {need} huge pages"
+
+
+_STATS_PATTERNS = {
+    "mmap": re.compile(r"restore-memory: mmap: mapped (\d+) runs \((\d+) bytes\), read (\d+) runs \((\d+) bytes\)"),
+    "read": re.compile(r"restore-memory: (copy|hugepage): read (\d+) runs \((\d+) bytes\)"),
+    "advise": re.compile(r"restore-memory: hugepage: (?:.*?)advised (\d+) areas \((\d+) bytes\), skipped (\d+) areas"),
+    "engine": re.compile(r"restore-memory: engine (\w+) \(([^)]*)\)"),
+}
+
+
+def memory_stats(log_path: Path) -> dict:
+    """What the patched restorer reported in a restore log, summed over the tree's tasks.
+
+    Empty counters (and ``engine`` None) for an unpatched CRIU or a log level below 3.
+    """
+    stats = {"engine": None, "engine_from": None, "tasks": 0, "mapped_runs": 0, "mapped_bytes": 0,
+             "read_runs": 0, "read_bytes": 0, "hugepage_areas": 0, "hugepage_bytes": 0, "hugepage_skipped": 0}
+    try:
+        text = Path(log_path).read_text(errors="replace")
+    except OSError:
+        return stats
+    for line in text.splitlines():
+        if "restore-memory:" not in line:
+            continue
+        if m := _STATS_PATTERNS["engine"].search(line):
+            stats["engine"], stats["engine_from"] = m.group(1), m.group(2)
+        elif m := _STATS_PATTERNS["mmap"].search(line):
+            stats["tasks"] += 1
+            stats["mapped_runs"] += int(m.group(1))
+            stats["mapped_bytes"] += int(m.group(2))
+            stats["read_runs"] += int(m.group(3))
+            stats["read_bytes"] += int(m.group(4))
+        elif m := _STATS_PATTERNS["read"].search(line):
+            stats["tasks"] += 1
+            stats["read_runs"] += int(m.group(2))
+            stats["read_bytes"] += int(m.group(3))
+        elif m := _STATS_PATTERNS["advise"].search(line):
+            stats["hugepage_areas"] += int(m.group(1))
+            stats["hugepage_bytes"] += int(m.group(2))
+            stats["hugepage_skipped"] += int(m.group(3))
+    return stats
 
 
 # ---------------------------------------------------------------------------------------

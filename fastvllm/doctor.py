@@ -75,7 +75,21 @@ def _criu() -> list[Check]:
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("Warn")]
     out.append(Check("criu check", ok, (lines[-1] if lines else text)[:200],
                      "see `criu check` output; the kernel lacks a feature CRIU needs"))
+    out.append(_memory_engines(criu))
     return out
+
+
+def _memory_engines(criu: criu_ops.Criu) -> Check:
+    """Which restore memory engines run here, and what ``--memory auto`` picks."""
+    from .defaults import memory_engine
+
+    available = criu_ops.memory_engines(criu)
+    chosen, _ = memory_engine(available)
+    parts = [name if why is None else f"{name} (no: {why})" for name, why in available.items()]
+    missing = [name for name, why in available.items() if why is not None]
+    return Check("memory engines", not missing, f"{', '.join(parts)}; restore --memory auto uses {chosen}",
+                 "run ./run.sh setup to build CRIU with fastvllm's patches (patches/criu/)" if "mmap" in missing
+                 else "", fatal=False)
 
 
 def _kernel() -> Check:

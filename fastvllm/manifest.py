@@ -42,6 +42,12 @@ def check_target(out: Path) -> None:
         if not out.is_dir():
             raise FastvllmError(f"{out} exists and is not a directory", fix="choose another --out")
         if any(out.iterdir()):
+            from .registry import live
+
+            users = [r.root_pid for r in live() if r.snapshot and Path(r.snapshot).absolute() == out]
+            if users:  # with --memory mmap their memory maps these very files
+                raise FastvllmError(f"{out} is the snapshot of running server pid {users[0]}",
+                                    fix="choose a new --out directory; a snapshot in use is never overwritten")
             raise FastvllmError(f"{out} is not empty", fix="choose a new --out directory; existing files are never overwritten")
 
 

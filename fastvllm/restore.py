@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-from . import criu_ops, engine, external_files, manifest, registry, server
+from . import criu_ops, defaults, engine, external_files, integrity, manifest, registry, server
 from .errors import FastvllmError, ServerFailed, SnapshotInvalid
 from .progress import Progress
 
@@ -94,6 +94,38 @@ def _check_versions(meta: dict, criu: criu_ops.Criu) -> None:
 
 
 PREFETCH_MODES = ("overlap", "before", "off")
+MEMORY_CHOICES = ("auto", *defaults.ENGINES)
+
+
+def choose_memory(requested: str, criu: criu_ops.Criu, meta: dict, snapshot: Path) -> dict:
+    """Settle the CRIU memory engine before anything runs; returns the ``memory`` record.
+
+    ``auto`` takes :func:`defaults.memory_engine`. An engine asked for by name that this
+    CRIU or kernel cannot run is an error; ``hugepage`` falls back to ``copy`` when the
+    kernel would first have to compact memory (slower than copying). ``mmap`` keeps the
+    page images mapped for the server's life, so they must be proven unchanged first.
+    """
+    if requested not in MEMORY_CHOICES:
+        raise FastvllmError(f"unknown memory engine {requested!r}", fix=f"use one of {', '.join(MEMORY_CHOICES)}")
+    available = criu_ops.memory_engines(criu)
+    fallback = None
+    if requested == "auto":
+        chosen, skipped = defaults.memory_engine(available)
+        fallback = "; ".join(skipped) or None
+    else:
+        chosen = requested
+        if available.get(chosen) is not None:
+            raise FastvllmError(f"memory engine {chosen} is not available here: {available[chosen]}",
+                                fix="see fastvllm doctor; --memory copy always works")
+    if chosen == "hugepage":
+        ready, why = criu_ops.hugepages_ready(int(meta.get("image_bytes", 0)))
+        if not ready:
+            chosen, fallback = "copy", f"hugepage: {why}"
+    record = {"requested": requested, "engine": chosen, "fallback": fallback, "images_checked_by": None}
+    if chosen == "mmap":
+        verdict = integrity.check_unchanged(snapshot / manifest.CRIU_DIR, meta.get("images"), why="--memory mmap")
+        record["images_checked_by"] = verdict.by
+    return record
 
 
 def snapshot_files(snapshot: Path, meta: dict | None = None) -> list[Path]:
@@ -109,7 +141,8 @@ def snapshot_files(snapshot: Path, meta: dict | None = None) -> list[Path]:
 
 def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_canary: bool = True,
                      loader: str = "fast", tuning: dict | None = None, prefetch_mode: str = "overlap",
-                     cold: bool = False, drop_caches: bool = False, measure_residency: bool = True) -> dict:
+                     cold: bool = False, drop_caches: bool = False, measure_residency: bool = True,
+                     memory: str = "auto") -> dict:
     """Restore ``snapshot`` and return endpoint, PIDs and timings (seconds since start).
 
     For a level-2 snapshot the weights are reloaded after CRIU restore, by fastvllm's fast
@@ -119,7 +152,9 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
     or not at all (``off``); it never fails the restore. ``cold`` evicts the snapshot's
     files from the page cache first (``drop_caches``: the whole cache, if permitted).
     ``measure_residency`` reports the files' page-cache residency before and after; it costs
-    ~50 ms before CRIU starts, so callers that do not show it turn it off.
+    ~50 ms before CRIU starts, so callers that do not show it turn it off. ``memory`` is the
+    CRIU memory engine (:func:`choose_memory`). A level-1 snapshot needs no weights: its
+    KV cache is re-allocated and it serves.
     """
     from . import prefetch
 
@@ -129,6 +164,7 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
     snapshot = snapshot.absolute()
     with progress.step("checking snapshot, CRIU, port and PIDs"):
         meta, criu = preflight(snapshot)
+        memory_record = choose_memory(memory, criu, meta, snapshot)
     files = snapshot_files(snapshot, meta)
     if cold:
         with progress.step(f"evicting {len(files)} snapshot files from the page cache"):
@@ -166,10 +202,13 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
     try:
         if checksums:
             checksums.start()
-        with progress.step(f"restoring {len(pids)} processes with CRIU {criu.version_str}"):
+        with progress.step(f"restoring {len(pids)} processes with CRIU {criu.version_str} "
+                           f"({memory_record['engine']} memory)"):
             criu_start = progress.elapsed()
             written = external_files.put_back(saved, snapshot / manifest.EXTERNAL_DIR)
-            root_pid, _ = criu_ops.restore_tree(criu, snapshot / manifest.CRIU_DIR)
+            root_pid, criu_log = criu_ops.restore_tree(criu, snapshot / manifest.CRIU_DIR,
+                                                       criu_ops.RestoreOptions(memory=memory_record["engine"]))
+        memory_record["stats"] = criu_ops.memory_stats(criu_log)
         restore_s = progress.elapsed()
         timeline["criu_restore"] = {"start": round(criu_start, 3), "end": round(restore_s, 3)}
         pids = server.tree_pids(root_pid) or pids
@@ -178,7 +217,14 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
         with progress.step("waiting for /health"):
             server.wait_healthy(endpoint, root_pid, HEALTH_TIMEOUT_S, Path(meta.get("log", "")) or None)
         healthy_s = progress.elapsed()
-        if level == 2:
+        if level == 1:
+            with progress.step("re-allocating the KV cache (level 1: the weights are in the image)"):
+                weights_start = progress.elapsed()
+                woken = engine.wake_kv_cache(endpoint, plat=meta["server"].get("platform"))
+            timings["weights_s"] = round(progress.elapsed(), 3)
+            timings["reload"] = woken["workers"]
+            timeline["weights"] = {"start": round(weights_start, 3), "end": timings["weights_s"]}
+        elif level == 2:
             checksums.result()
             weight_paths = manifest.weight_files(meta["weights"], snapshot)
             with progress.step(f"reloading {meta['weights']['weight_bytes'] / 2**20:.0f} MiB of weights ({loader})"):
@@ -213,7 +259,7 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
     timeline["first_token"] = round(first_token_s, 3)
     reload_detail = timings.pop("reload", None)
     result = {"snapshot": str(snapshot), "endpoint": endpoint, "pids": pids, "level": level,
-              "prefetch": prefetch_mode, "timeline": timeline,
+              "prefetch": prefetch_mode, "memory": memory_record, "timeline": timeline,
               "timings": {"restore_s": round(restore_s, 3), "healthy_s": round(healthy_s, 3), **timings,
                           "first_token_s": round(first_token_s, 3), "total_s": round(progress.elapsed(), 3)}}
     if measure_residency:

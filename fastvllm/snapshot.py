@@ -12,10 +12,13 @@ import secrets
 import time
 from pathlib import Path
 
-from . import criu_ops, engine, external_files, manifest, registry, server
+from . import criu_ops, defaults, engine, external_files, integrity, manifest, registry, server
 from .errors import FastvllmError
 from .paths import logs_dir
 from .progress import Progress
+
+LEVELS = (0, 1, 2)
+
 
 def default_out(model: str) -> Path:
     name = Path(model.rstrip("/")).name or "model"
@@ -23,7 +26,16 @@ def default_out(model: str) -> Path:
 
 
 def resolve_model(model: str) -> str:
-    """A local directory becomes an absolute path; anything else is a hub id, passed on."""
+    """The absolute local directory of ``model``: a directory as given, or a well-known
+    name (``llama-3.2-3b``) or hub id found in the local Hugging Face cache.
+
+    Cached models are resolved to their snapshot directory rather than passed on as hub
+    ids: vLLM then loads them by path, offline, exactly as a local directory (this machine
+    has no hub to ask), and level 2 finds their safetensors at that same path. A name or id
+    that is not cached fails here, in one line saying how to get it, instead of inside vLLM.
+    """
+    from . import model_names
+
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -32,20 +44,20 @@ def resolve_model(model: str) -> str:
         return str(path.resolve())
     if model.startswith(("/", ".", "~")):
         raise FastvllmError(f"model directory {model} does not exist", fix="check the path")
-    return model
+    return str(model_names.resolve(model))
 
 
 def weights_source(model: str) -> Path:
     """The directory holding the model's safetensors (a local dir, or the hub cache)."""
+    from . import model_names
+
     path = Path(model)
     if not path.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(model, local_files_only=True))
-        except Exception:  # noqa: BLE001 - any failure means: no local copy
+        repo = model_names.hub_id(model)
+        path = model_names.cached_snapshot(repo) if repo else None
+        if path is None:
             raise FastvllmError(f"level 2 needs the weights of {model} on local disk as safetensors",
-                                fix="pass a local model directory, or use --level 0") from None
+                                fix="pass a local model directory, or use --level 0")
     if not list(path.glob("*.safetensors")):
         raise FastvllmError(f"{path} holds no .safetensors files, which level 2 reloads from",
                             fix="convert the checkpoint to safetensors, or use --level 0")
@@ -54,14 +66,21 @@ def weights_source(model: str) -> Path:
 
 def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAULT_PORT,
                   extra_args: list[str] | None = None, progress: Progress | None = None,
-                  level: int = 2, copy_weights: bool = False) -> dict:
+                  level: int | None = None, copy_weights: bool = False) -> dict:
     """Snapshot a freshly started, warmed server of ``model`` into ``out``; returns the result.
 
     Level 2 releases weights and KV cache before the dump, so the image holds neither; the
     weights are referenced (or, with ``copy_weights``, copied) as safetensors for restore.
+    Level 1 releases the KV cache only: the weights stay in the image as the engine packed
+    them. Level 0 dumps the whole process. ``None`` takes :func:`defaults.snapshot_level`.
     """
-    if level not in (0, 2):
-        raise FastvllmError(f"--level {level} is not supported", fix="use --level 2 (default) or --level 0")
+    level = defaults.snapshot_level() if level is None else level
+    if level not in LEVELS:
+        raise FastvllmError(f"--level {level} is not supported",
+                            fix="use --level 1 (KV cache released), 2 (weights too) or 0 (whole process)")
+    if copy_weights and level != 2:
+        raise FastvllmError("--copy-weights only applies to level 2 (the other levels keep the weights in the image)",
+                            fix="drop --copy-weights, or use --level 2")
     progress = progress or Progress()
     model = resolve_model(model)
     out = (out or default_out(model)).absolute()
@@ -71,7 +90,8 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
     weight_dir = None
     if level == 2:
         weight_dir = weights_source(model)
-        more_args, env = engine.level2_server_options()
+    if level in engine.SLEEP_LEVELS:
+        more_args, env = engine.sleep_server_options()
         args += [a for a in more_args if a not in args]
     spec = server.ServerSpec(model=model, port=port, extra_args=args, env=env)
     server.ensure_port_free(spec.host, spec.port)
@@ -91,10 +111,19 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
         if level == 2:
             with progress.step("recording weights" + (" (copying)" if copy_weights else "")):
                 weight_record = _record_weights(weight_dir, tmp, copy_weights)
-            with progress.step("sleep level 2: releasing weights and KV cache"):
-                released = engine.release(spec.endpoint)
+        if level in engine.SLEEP_LEVELS:
+            what = "weights and KV cache" if level == 2 else "the KV cache"
+            with progress.step(f"sleep level {level}: releasing {what}"):
+                released = engine.release(spec.endpoint, level=level)
 
         pids = server.tree_pids(proc.pid)
+        mapped = integrity.mapped_images(pids)
+        if mapped:  # only a tree restored with --memory mmap maps page images
+            pid, path = next(iter(mapped.items()))
+            raise FastvllmError(f"process {pid} maps the CRIU image {path} of another snapshot (restored with "
+                                "--memory mmap): a snapshot of it would depend on that snapshot's files",
+                                fix="snapshot a freshly started server (fastvllm snapshot MODEL), "
+                                    "or restore with --memory copy first")
         shm = external_files.shm_paths_of(pids)
         t_dump = time.monotonic()
         with progress.step(f"dumping {len(pids)} processes with CRIU {criu.version_str}"):
@@ -106,6 +135,8 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
             shm |= external_files.link_remaps_in_shm() - remaps_before
             saved = external_files.save(shm | {str(log_path)}, tmp / manifest.EXTERNAL_DIR)
         dump_s = time.monotonic() - t_dump
+        with progress.step("sealing the CRIU images (digests, read-only)"):
+            sealed = integrity.seal(tmp / manifest.CRIU_DIR)
 
         with progress.step("writing manifest"):
             written = manifest.commit(tmp, out, {
@@ -127,6 +158,7 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
                 "tree": {"root_pid": proc.pid, "pids": pids},
                 "log": str(log_path),
                 "external_files": [item.to_json() for item in saved],
+                "images": sealed,
                 "timings": {"healthy_s": healthy_s, "first_token_s": first_token_s, "dump_s": dump_s},
             })
         external_files.remove(shm)

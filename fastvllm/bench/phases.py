@@ -23,6 +23,7 @@ PHASES: dict[str, str] = {
     "criu_restore": "CRIU restore",
     "health": "until /health answers",
     "weights_reload": "weights reload",
+    "kv_cache_realloc": "KV cache re-allocation",
     "first_token": "first token",
 }
 
@@ -92,23 +93,25 @@ def cold_phases(out: dict, wall: float, log_text: str | None, spawn_epoch: float
 
 
 def restore_phases(out: dict, wall: float) -> dict[str, float]:
-    """Phases of ``fastvllm restore --json``: preflight, CRIU, /health, weights (level 2),
-    first token. Prefetch runs beside these, so it is not a phase of its own."""
+    """Phases of ``fastvllm restore --json``: preflight, CRIU, /health, the step that makes
+    the server whole again (level 2: weights reload; level 1: KV cache re-allocation; both
+    report its end as ``weights_s``), first token. Prefetch runs beside these, so it is not
+    a phase of its own."""
     t = out["timings"]
     criu_start = out.get("timeline", {}).get("criu_restore", {}).get("start", 0.0)
     phases = {"cli_startup": wall - t["total_s"], "preflight": criu_start,
               "criu_restore": t["restore_s"] - criu_start, "health": t["healthy_s"] - t["restore_s"]}
     ready = t["healthy_s"]
     if "weights_s" in t:
-        phases["weights_reload"] = t["weights_s"] - t["healthy_s"]
+        phases["kv_cache_realloc" if out.get("level") == 1 else "weights_reload"] = t["weights_s"] - t["healthy_s"]
         ready = t["weights_s"]
     phases["first_token"] = t["first_token_s"] - ready
     return _rounded(phases)
 
 
 def ready_from_spawn(out: dict, wall: float) -> float:
-    """Spawn to able to serve: /health for cold starts and level 0; for level 2 the weights
-    must be back too (the server answers /health a moment before)."""
+    """Spawn to able to serve: /health for cold starts and level 0; for levels 1 and 2 the
+    KV cache or weights must be back too (the server answers /health a moment before)."""
     t = out["timings"]
     return round(wall - t["total_s"] + t.get("weights_s", t["healthy_s"]), 3)
 

@@ -19,8 +19,18 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_snapshot(cli, tiny_model, tmp_path_factory):
-    """(snapshot dir, snapshot --json result) of the tiny model's server, level 2 (default)."""
+    """(snapshot dir, snapshot --json result) of the tiny model's server, level 2."""
     out = tmp_path_factory.mktemp("snaps") / "tiny"
+    result = cli.json("snapshot", tiny_model, "--out", str(out), "--port", str(server.free_port()),
+                      "--level", "2", "--", *SERVER_ARGS)
+    return out, result
+
+
+@pytest.fixture(scope="session")
+def tiny_snapshot_l1(cli, tiny_model, tmp_path_factory):
+    """The same server with only its KV cache released (level 1, the CPU default: taken
+    without --level, so the default is what is tested)."""
+    out = tmp_path_factory.mktemp("snaps") / "tiny-l1"
     result = cli.json("snapshot", tiny_model, "--out", str(out), "--port", str(server.free_port()),
                       "--", *SERVER_ARGS)
     return out, result

@@ -173,7 +173,8 @@ def test_corrupt_image_fails_in_criu_and_leaves_nothing(cli, tiny_snapshot, tmp_
     victim.unlink()
     victim.write_bytes(bytes(b ^ 0xFF for b in data))  # same size, garbage content
     meta = _manifest(twin)
-    proc = cli("restore", str(twin), check=False)
+    # copy: CRIU itself must meet the garbage (mmap would refuse the changed image first).
+    proc = cli("restore", str(twin), "--memory", "copy", check=False)
     line = _one_error_line(proc)
     assert "CRIU restore failed" in line
     assert not [p for p in meta["tree"]["pids"] if psutil.pid_exists(p)]

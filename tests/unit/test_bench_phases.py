@@ -77,3 +77,14 @@ def test_restore_phases_from_a_real_run():
     got = phases.restore_phases(run["output"], run["wall_s"])
     assert "weights_reload" not in got  # level 0 keeps its weights
     assert sum(got.values()) == pytest.approx(run["first_token_s"], abs=0.01)
+
+
+def test_restore_phases_level1_name_the_kv_cache_step():
+    """Level 1 reports the end of its KV cache re-allocation as weights_s; it is no reload."""
+    out = {"level": 1, "timeline": {"criu_restore": {"start": 0.05, "end": 0.9}},
+           "timings": {"restore_s": 0.9, "healthy_s": 1.0, "weights_s": 1.2, "first_token_s": 1.25, "total_s": 1.3}}
+    got = phases.restore_phases(out, wall=1.8)
+    assert "weights_reload" not in got and got["kv_cache_realloc"] == 0.2
+    assert sum(got.values()) == pytest.approx(phases.first_token_from_spawn(out, 1.8))
+    assert phases.ready_from_spawn(out, 1.8) == 1.7
+    assert "kv_cache_realloc" in phases.PHASES

@@ -3,6 +3,7 @@
 plus hand-made runs for what a real run rarely shows (failures, several repeats)."""
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -13,11 +14,16 @@ from fastvllm.bench import report
 DATA = Path(__file__).resolve().parent.parent / "data" / "ladder-tiny-eager"
 
 
-def _run(method_id, first, mode="eager", cache="warm", ok=True, repeat=1, phases=None, error=None):
+def _run(method_id, first, mode="eager", cache="warm", ok=True, repeat=1, phases=None, error=None,
+         decode=None, text="same", memory=None):
     rec = {"method_id": method_id, "method": f"m{method_id}", "label": f"method {method_id}", "mode": mode,
            "cache": cache, "repeat": repeat, "ok": ok, "error": error}
     if ok:
         rec.update(first_token_s=first, ready_s=first - 0.1, phases=phases or {"cli_startup": 0.5, "first_token": first - 0.5})
+        if decode is not None:
+            rec.update(decode_tok_s=decode, decode={"tok_s": decode, "tokens": 64, "text": text})
+        if memory is not None:
+            rec["memory"] = memory
     return rec
 
 
@@ -104,3 +110,80 @@ def test_write_all_from_a_copy_of_a_real_run(tmp_path):
     shutil.copytree(DATA, run_dir)
     paths = report.write_all(run_dir)
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths.values())
+
+
+def test_decode_medians_and_ratio_to_the_cold_start_of_the_same_column():
+    runs = [_run(1, 30.0, decode=20.0), _run(1, 31.0, repeat=2, decode=22.0), _run(9, 2.0, decode=10.5),
+            _run(9, 2.1, repeat=2, decode=10.5), _run(9, 0, ok=False, repeat=3, error="x"),
+            _run(1, 40.0, cache="evicted", decode=10.0), _run(9, 3.0, cache="evicted", decode=12.0)]
+    rows = {(r["cache"], r["method_id"]): r for r in report.aggregate(runs)}
+    assert rows[("warm", 1)]["decode"] == {"median": 21.0, "min": 20.0, "max": 22.0}
+    assert rows[("warm", 1)]["decode_vs_cold"] == 1.0
+    assert rows[("warm", 9)]["decode_vs_cold"] == 0.5 and rows[("evicted", 9)]["decode_vs_cold"] == 1.2
+
+
+def test_decode_baseline_falls_back_to_method_two_and_is_absent_without_a_cold_start():
+    rows = {r["method_id"]: r for r in report.aggregate([_run(2, 25.0, decode=20.0), _run(3, 3.0, decode=30.0)])}
+    assert rows[3]["decode_vs_cold"] == 1.5 and rows[3]["speedup"] is None  # 'vs 1' stays method 1's
+    rows = report.aggregate([_run(3, 3.0, decode=30.0)])
+    assert rows[0]["decode"]["median"] == 30.0 and rows[0]["decode_vs_cold"] is None
+    rows = {r["method_id"]: r for r in report.aggregate([_run(1, 30, decode=20.0), _run(2, 25, decode=10.0),
+                                                        _run(3, 3, decode=20.0)])}
+    assert rows[3]["decode_vs_cold"] == 1.0  # method 1 wins over 2
+
+
+def test_runs_before_the_decode_probe_have_no_decode_figures():
+    _, runs = report.load(DATA)
+    rows = report.aggregate(runs)
+    assert all(r["decode"] is None and r["decode_vs_cold"] is None for r in rows)
+    assert "| - | - |" in report.markdown(report.load(DATA)[0], rows)
+
+
+def test_restored_output_is_compared_with_the_cold_starts_of_the_same_mode():
+    runs = [_run(1, 30, decode=20.0, text="abc"), _run(8, 2, decode=20.0, text="abc", cache="evicted"),
+            _run(9, 2, decode=20.0, text="abd"), _run(1, 60, mode="compiled", decode=20.0, text="xyz"),
+            _run(9, 2, mode="compiled", decode=20.0, text="xyz")]
+    got = {(r["mode"], r["method_id"]): r["same_output_as_cold"] for r in report.aggregate(runs)}
+    assert got == {("eager", 1): True, ("eager", 8): True, ("eager", 9): False, ("compiled", 1): True,
+                   ("compiled", 9): True}
+    text = report.markdown({"model": "/m/tiny", "config": {"repeats": 1}}, report.aggregate(runs))
+    assert "Decode output differs from the cold start's" in text and "eager / warm / 9" in text
+
+
+def test_memory_engine_used_and_fallbacks_show_in_table_and_csv(tmp_path):
+    asked_copy = {"requested": "copy", "engine": "copy", "fallback": None}
+    fell_back = {"requested": "hugepage", "engine": "copy", "fallback": "hugepage: the kernel would compact memory"}
+    runs = [_run(1, 30, decode=20.0), _run(8, 2, decode=20.0, memory=asked_copy),
+            _run(10, 2, decode=19.0, memory=fell_back)]
+    rows = report.aggregate(runs)
+    text = report.markdown({"model": "/m/tiny", "config": {"repeats": 1}, "decode_probe": {"tokens": 64}}, rows)
+    assert "same prompt (64 tokens)" in text
+    line = {int(ln.split("|")[3]): ln for ln in text.splitlines() if ln.startswith("| eager")}
+    assert "| copy |" in line[8] and "| copy* |" in line[10] and "| - |" in line[1]
+    assert "| 0.95x |" in line[10] and "| 19.0 (19.0-19.0) |" in line[10]
+    assert "- eager / warm / 10: hugepage: the kernel would compact memory" in text
+    report.write_csv(rows, tmp_path / "s.csv")
+    with (tmp_path / "s.csv").open() as fh:
+        got = {r["method_id"]: r for r in csv.DictReader(fh)}
+    assert got["10"]["decode_tok_s_median"] == "19.0" and got["10"]["decode_vs_cold"] == "0.95"
+    assert got["10"]["memory_engines"] == "copy" and got["10"]["memory_fallbacks"].startswith("hugepage")
+    assert got["1"]["memory_engines"] == "" and got["1"]["same_output_as_cold"] == "True"
+
+
+def test_rows_are_json_serialisable():
+    """fastvllm bench --json prints the rows as they are."""
+    rows = report.aggregate([_run(1, 30, decode=20.0, text="a"), _run(9, 2, decode=20.0, text="a")])
+    assert json.loads(json.dumps(rows))[1]["decode_texts"] == ["a"]
+
+
+def test_write_all_when_every_restore_failed(tmp_path):
+    """A run whose restores all failed still gets its table and plot (no restores-only plot)."""
+    run_dir = tmp_path / "run"
+    (run_dir / "runs").mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"model": "/m/tiny", "config": {"repeats": 1}}))
+    for i, rec in enumerate([_run(1, 30.0, decode=20.0), _run(3, 0, ok=False, error="KeyError: 'choices'")]):
+        (run_dir / "runs" / f"{i:03d}.json").write_text(json.dumps(rec))
+    paths = report.write_all(run_dir)
+    assert set(paths) == {"csv", "png", "table"} and "failed: KeyError" in paths["table"].read_text()
+    fig = report.plot(report.aggregate([_run(3, 0, ok=False, error="x")]), tmp_path / "none.png")
+    assert not fig.legends

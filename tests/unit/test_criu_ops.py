@@ -272,3 +272,159 @@ def test_pids_in_use_of_free_pids():
     assert pids_in_use([gone]) == {}
     assert wait_pids_free([gone], timeout=0.1) == {}
     assert list(pids_in_use([gone, os.getpid()])) == [os.getpid()]
+
+
+# --------------------------------------------------------------------------- memory engines
+
+PATCHED_VERSION = 'echo "Version: 4.2.1"; echo "Restore-memory: copy hugepage mmap"'
+
+
+def _fake_criu(tmp_path: Path, body: str) -> Criu:
+    """A script standing in for criu: --version as given, everything else per ``body``."""
+    path = tmp_path / "criu"
+    path.write_text("#!/bin/bash\n"
+                    f'if [ "$1" = --version ]; then {PATCHED_VERSION}; exit 0; fi\n'
+                    f'echo "$@" >> {tmp_path}/calls\n' + body + "\n")
+    path.chmod(0o755)
+    return Criu(path, (4, 2, 1))
+
+
+def test_restore_memory_line_parsed():
+    assert criu_ops.parse_restore_memory_line("Version: 4.2.1\nRestore-memory: copy hugepage mmap\n") == \
+        ("copy", "hugepage", "mmap")
+    assert criu_ops.parse_restore_memory_line("Version: 4.2.1\nGitID: v4.2.1\n") == ()
+
+
+def test_memory_engines_unpatched_binary_says_why(tmp_path):
+    path = _script(tmp_path, 'if [ "$1" = --version ]; then echo "Version: 4.2.1"; exit 0; fi; exit 1')
+    got = criu_ops.memory_engines(Criu(path, (4, 2, 1)))
+    assert list(got) == ["copy", "hugepage", "mmap", "lazy"] and got["copy"] is None
+    assert "not built with fastvllm's patches" in got["mmap"] and "not built with fastvllm's patches" in got["hugepage"]
+    assert "userfaultfd" in got["lazy"] and "\n" not in got["lazy"]
+
+
+def test_memory_engines_patched_binary(tmp_path, monkeypatch):
+    criu = _fake_criu(tmp_path, 'exit 0')  # "criu check --feature uffd-noncoop" succeeds
+    monkeypatch.setattr(criu_ops, "thp_mode", lambda text=None: "madvise")
+    assert criu_ops.memory_engines(criu) == {"copy": None, "hugepage": None, "mmap": None, "lazy": None}
+    assert "check --feature uffd-noncoop" in (tmp_path / "calls").read_text()
+
+
+def test_memory_engines_hugepage_needs_thp(tmp_path, monkeypatch):
+    criu = _fake_criu(tmp_path, 'exit 0')
+    monkeypatch.setattr(criu_ops, "thp_mode", lambda text=None: "never")
+    assert "never" in criu_ops.memory_engines(criu)["hugepage"]
+
+
+def test_thp_mode():
+    assert criu_ops.thp_mode("always [madvise] never\n") == "madvise"
+    assert criu_ops.thp_mode("always madvise [never]\n") == "never"
+    assert criu_ops.thp_mode("") is None
+
+
+BUDDY = """Node 0, zone      DMA      0      0      0      0      0      0      0      0      1      1      3
+Node 0, zone    DMA32      2      2      3      2      3      2      1      4      4      2    752
+Node 0, zone   Normal   1615   3090   2712   1658   1189    598    558    419    252    143    691
+"""
+
+
+def test_free_huge_blocks_counts_order_9_and_10():
+    # order 9 counts once, order 10 twice: DMA 1+3*2, DMA32 2+752*2, Normal 143+691*2
+    assert criu_ops.free_huge_blocks(BUDDY) == (1 + 6) + (2 + 1504) + (143 + 1382)
+
+
+def test_hugepages_ready():
+    free = criu_ops.free_huge_blocks(BUDDY)
+    ok, why = criu_ops.hugepages_ready(free * (2 << 20), buddyinfo=BUDDY, thp="madvise", reporting=False)
+    assert ok and f"{free} free 2 MiB blocks" in why
+    ok, why = criu_ops.hugepages_ready((free + 1) * (2 << 20), buddyinfo=BUDDY, thp="always", reporting=False)
+    assert not ok and "compact" in why
+    ok, why = criu_ops.hugepages_ready(1 << 20, buddyinfo=BUDDY, thp="never", reporting=False)
+    assert not ok and "never" in why
+    ok, why = criu_ops.hugepages_ready(1 << 20, buddyinfo=BUDDY, thp="madvise", reporting=True)
+    assert not ok and "free page reporting" in why and "\n" not in why
+
+
+def test_free_page_reporting_reads_the_balloon_feature_bit(tmp_path):
+    def dev(name, device, features):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "device").write_text(device + "\n")
+        (d / "features").write_text(features + "\n")
+
+    dev("virtio0", "0x0002", "0" * 5 + "1" + "0" * 58)  # a block device with bit 5: not a balloon
+    assert not criu_ops.free_page_reporting(tmp_path)
+    dev("virtio1", "0x0005", "0110000000" + "0" * 54)  # balloon without reporting
+    assert not criu_ops.free_page_reporting(tmp_path)
+    dev("virtio2", "0x0005", "0110010100" + "0" * 54)  # balloon with VIRTIO_BALLOON_F_REPORTING
+    assert criu_ops.free_page_reporting(tmp_path)
+    assert not criu_ops.free_page_reporting(tmp_path / "missing")
+
+
+def test_memory_stats_sums_tasks(tmp_path):
+    log = _log(tmp_path,
+               "(00.010000) restore-memory: engine mmap ($CRIU_RESTORE_MEMORY)",
+               "(00.020000) pie: 11: restore-memory: mmap: mapped 3 runs (88100864 bytes), read 11 runs (131072 bytes)",
+               "(00.030000) pie: 12: restore-memory: mmap: mapped 1 runs (65536 bytes), read 2 runs (8192 bytes)")
+    stats = criu_ops.memory_stats(log)
+    assert stats["engine"] == "mmap" and stats["engine_from"] == "$CRIU_RESTORE_MEMORY" and stats["tasks"] == 2
+    assert (stats["mapped_runs"], stats["mapped_bytes"]) == (4, 88100864 + 65536)
+    assert (stats["read_runs"], stats["read_bytes"]) == (13, 131072 + 8192)
+
+
+def test_memory_stats_hugepage_and_copy(tmp_path):
+    log = _log(tmp_path,
+               "(00.010000) restore-memory: engine hugepage (--restore-memory)",
+               "(00.020000) pie: 11: restore-memory: hugepage: advised 3 areas (142610432 bytes), skipped 1 areas",
+               "(00.021000) pie: 11: restore-memory: hugepage: read 14 runs (88231936 bytes)",
+               "(00.030000) pie: 12: restore-memory: hugepage: THP disabled for this task (PR_SET_THP_DISABLE), "
+               "advised 0 areas (0 bytes), skipped 0 areas",
+               "(00.031000) pie: 12: restore-memory: hugepage: read 1 runs (4096 bytes)")
+    stats = criu_ops.memory_stats(log)
+    assert stats["tasks"] == 2 and stats["hugepage_areas"] == 3 and stats["hugepage_bytes"] == 142610432
+    assert stats["hugepage_skipped"] == 1 and stats["read_bytes"] == 88231936 + 4096 and stats["mapped_bytes"] == 0
+    assert criu_ops.memory_stats(tmp_path / "missing.log")["engine"] is None
+
+
+def test_restore_rejects_unknown_engine_before_running_criu(tmp_path):
+    criu = _fake_criu(tmp_path, "exit 1")
+    with pytest.raises(FastvllmError) as info:
+        criu_ops.restore_tree(criu, tmp_path, criu_ops.RestoreOptions(memory="turbo"))
+    msg = str(info.value)
+    assert "unknown restore memory engine 'turbo'" in msg and "copy, hugepage, mmap, lazy" in msg
+    assert not (tmp_path / "calls").exists()
+
+
+def test_restore_refuses_patched_engine_on_unpatched_criu(tmp_path):
+    path = _script(tmp_path, 'echo "Version: 4.2.1"')
+    with pytest.raises(FastvllmError, match="has no mmap memory engine.*build_criu.sh"):
+        criu_ops.restore_tree(Criu(path, (4, 2, 1)), tmp_path, criu_ops.RestoreOptions(memory="mmap"))
+
+
+def test_cli_restore_passes_the_engine(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTVLLM_CRIU_MODE", "cli")
+    monkeypatch.setenv("FASTVLLM_RUN_DIR", str(tmp_path / "run"))
+    # "restore ... --pidfile F": write a pid into F
+    criu = _fake_criu(tmp_path, 'while [ $# -gt 0 ]; do [ "$1" = --pidfile ] && echo 4242 > "$2"; shift; done')
+    pid, _ = criu_ops.restore_tree(criu, tmp_path, criu_ops.RestoreOptions(memory="mmap"))
+    assert pid == 4242
+    assert "--restore-memory mmap" in (tmp_path / "calls").read_text()
+
+
+def test_failed_lazy_restore_kills_the_daemon(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTVLLM_CRIU_MODE", "cli")
+    monkeypatch.setenv("FASTVLLM_RUN_DIR", str(tmp_path / "run"))
+    # lazy-pages: listen (create the socket file in -W) and wait to be killed; restore: fail
+    criu = _fake_criu(tmp_path, f'''
+if [ "$1" = lazy-pages ]; then
+  while [ $# -gt 0 ]; do [ "$1" = -W ] && touch "$2/lazy-pages.socket"; shift; done
+  echo $$ > {tmp_path}/daemon.pid; exec sleep 60
+fi
+echo "Error (criu/cr-restore.c:2331): Restoring FAILED." >&2; exit 1''')
+    with pytest.raises(criu_ops.CriuFailed):
+        criu_ops.restore_tree(criu, tmp_path, criu_ops.RestoreOptions(memory="lazy"))
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0].startswith("lazy-pages -D ") and "--lazy-pages" in calls[1] and "--restore-memory copy" in calls[1]
+    assert calls[0].split(" -W ")[1].split()[0] == calls[1].split(" -W ")[1].split()[0], "one work dir for both"
+    daemon = int((tmp_path / "daemon.pid").read_text())
+    assert not psutil.pid_exists(daemon) or psutil.Process(daemon).status() == psutil.STATUS_ZOMBIE

@@ -91,9 +91,9 @@ def test_cpu_reload_is_one_rpc_with_string_kwargs(endpoint):
     assert json.loads(kwargs["request"])["model_dir"] == "/m"
 
 
-def test_level2_server_options_per_platform():
-    cpu_args, cpu_env = engine.level2_server_options("cpu")
-    gpu_args, gpu_env = engine.level2_server_options("cuda")
+def test_sleep_server_options_per_platform():
+    cpu_args, cpu_env = engine.sleep_server_options("cpu")
+    gpu_args, gpu_env = engine.sleep_server_options("cuda")
     assert engine.EXTENSION in cpu_args and "--enable-sleep-mode" not in cpu_args
     assert "--enable-sleep-mode" in gpu_args
     assert cpu_env == gpu_env == {"VLLM_SERVER_DEV_MODE": "1"}
@@ -105,3 +105,34 @@ def test_http_errors_are_one_line(endpoint):
     assert "HTTP 500" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ServerFailed, match="failed"):
         engine._post("http://127.0.0.1:1", "/sleep")
+
+
+def test_cpu_release_level_1_frees_only_the_kv_cache(endpoint):
+    out = engine.release(endpoint, plat="cpu", level=1)
+    assert [c[0] for c in Recorder.calls] == ["/reset_prefix_cache", "/collective_rpc"]
+    assert json.loads(Recorder.calls[1][1]["kwargs"]["request"]) == {"kv_only": True}
+    assert out["level"] == 1
+
+
+def test_cpu_release_level_2_frees_weights_too(endpoint):
+    engine.release(endpoint, plat="cpu", level=2)
+    assert json.loads(Recorder.calls[1][1]["kwargs"]["request"]) == {"kv_only": False}
+
+
+def test_cuda_level_1_is_native_sleep_and_plain_wake_up(endpoint):
+    engine.release(endpoint, plat="cuda", level=1)
+    engine.wake_kv_cache(endpoint, plat="cuda")
+    assert [c[0] for c in Recorder.calls] == ["/sleep?level=1", "/wake_up"]
+
+
+def test_cpu_wake_from_level_1_reallocates_the_kv_cache_only(endpoint):
+    engine.wake_kv_cache(endpoint, plat="cpu")
+    assert [c[0] for c in Recorder.calls] == ["/collective_rpc"]
+    assert Recorder.calls[0][1]["method"] == "fastvllm_reload"
+    assert json.loads(Recorder.calls[0][1]["kwargs"]["request"]) == {"kv_only": True}
+
+
+def test_release_rejects_level_0(endpoint):
+    with pytest.raises(ValueError):
+        engine.release(endpoint, plat="cpu", level=0)
+    assert Recorder.calls == []

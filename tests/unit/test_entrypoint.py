@@ -38,14 +38,17 @@ def test_config_from_env_and_arguments():
     cfg = Config.from_env(env, model="/other", vllm_args=["--seed", "1"], port=9000, snapshot_on_miss=False)
     assert (cfg.model, cfg.vllm_args, cfg.port, cfg.snapshot_on_miss, cfg.snapshot_level) == \
         ("/other", ["--seed", "1"], 9000, False, 0)
-    assert Config.from_env({"FASTVLLM_MODEL": "/m", "FASTVLLM_HOST": "127.0.0.1"}).snapshot_level == 2
+    from fastvllm.defaults import snapshot_level
+
+    assert Config.from_env({"FASTVLLM_MODEL": "/m", "FASTVLLM_HOST": "127.0.0.1"}).snapshot_level == snapshot_level()
 
 
 @pytest.mark.parametrize("env, needle", [
     ({}, "no model given"),
     ({"FASTVLLM_MODEL": "/m", "FASTVLLM_PORT": "eighty"}, "must be integers"),
     ({"FASTVLLM_MODEL": "/m", "FASTVLLM_PORT": "70000"}, "out of range"),
-    ({"FASTVLLM_MODEL": "/m", "FASTVLLM_LEVEL": "1"}, "not supported"),
+    ({"FASTVLLM_MODEL": "/m", "FASTVLLM_LEVEL": "3"}, "not supported"),
+    ({"FASTVLLM_MODEL": "/m", "FASTVLLM_LEVEL": "1"}, "only enables on loopback"),
     # Level 2 needs vLLM's dev endpoints, never exposed beyond loopback.
     ({"FASTVLLM_MODEL": "/m", "FASTVLLM_LEVEL": "2"}, "only enables on loopback"),
     ({"FASTVLLM_MODEL": "/m", "FASTVLLM_VLLM_ARGS": "--host 0.0.0.0"}, "--host belongs to fastvllm"),
