@@ -123,8 +123,11 @@ def dump_tree(criu: Criu, pid: int, images_dir: Path, opts: DumpOptions | None =
     """Dump the tree rooted at ``pid`` into ``images_dir``; returns CRIU's log path.
 
     With ``leave_running=False`` (the default) CRIU kills the tree once it is dumped.
+    A tree restored with the ``mmap`` engine is refused: its memory maps another
+    snapshot's page images, which the new snapshot would silently depend on.
     """
     opts = opts or DumpOptions()
+    _refuse_mapped_images(pid)
     images_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     log_path = _new_log_path("dump")
     try:
@@ -137,6 +140,23 @@ def dump_tree(criu: Criu, pid: int, images_dir: Path, opts: DumpOptions | None =
     for image in images_dir.iterdir():  # process memory: owner-only, like the directory
         image.chmod(0o600)
     return log_path
+
+
+def _refuse_mapped_images(pid: int) -> None:
+    from .integrity import mapped_images
+
+    try:
+        root = psutil.Process(pid)
+        pids = [pid] + [child.pid for child in root.children(recursive=True)]
+    except psutil.Error:
+        return  # CRIU reports a missing tree better than we can
+    mapped = mapped_images(pids)
+    if mapped:
+        who, path = next(iter(mapped.items()))
+        raise FastvllmError(f"process {who} maps the CRIU image {path} (it was restored with --memory mmap): "
+                            "a snapshot of it would depend on that snapshot's files",
+                            fix="snapshot a freshly started server (fastvllm snapshot MODEL), "
+                                "or restore with --memory copy before dumping it again")
 
 
 @contextmanager

@@ -72,9 +72,11 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
     Level 2 releases weights and KV cache before the dump, so the image holds neither; the
     weights are referenced (or, with ``copy_weights``, copied) as safetensors for restore.
     Level 1 releases the KV cache only: the weights stay in the image as the engine packed
-    them. Level 0 dumps the whole process. ``None`` takes :func:`defaults.snapshot_level`.
+    them. Level 0 dumps the whole process. ``None`` takes :func:`defaults.snapshot_level`
+    (level 2 with ``copy_weights``).
     """
-    level = defaults.snapshot_level() if level is None else level
+    if level is None:  # --copy-weights only means something at level 2: it asks for it
+        level = 2 if copy_weights else defaults.snapshot_level()
     if level not in LEVELS:
         raise FastvllmError(f"--level {level} is not supported",
                             fix="use --level 1 (KV cache released), 2 (weights too) or 0 (whole process)")
@@ -117,13 +119,6 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
                 released = engine.release(spec.endpoint, level=level)
 
         pids = server.tree_pids(proc.pid)
-        mapped = integrity.mapped_images(pids)
-        if mapped:  # only a tree restored with --memory mmap maps page images
-            pid, path = next(iter(mapped.items()))
-            raise FastvllmError(f"process {pid} maps the CRIU image {path} of another snapshot (restored with "
-                                "--memory mmap): a snapshot of it would depend on that snapshot's files",
-                                fix="snapshot a freshly started server (fastvllm snapshot MODEL), "
-                                    "or restore with --memory copy first")
         shm = external_files.shm_paths_of(pids)
         t_dump = time.monotonic()
         with progress.step(f"dumping {len(pids)} processes with CRIU {criu.version_str}"):

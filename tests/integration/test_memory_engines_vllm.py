@@ -132,3 +132,20 @@ def test_unknown_engine_is_one_line_and_starts_nothing(cli, tiny_snapshot_l1):
     proc = cli("restore", str(snap), "--memory", "fast", check=False)
     assert "unknown memory engine" in _one_error_line(proc)
     assert not [p for p in _manifest(snap)["tree"]["pids"] if psutil.pid_exists(p)]
+
+
+def test_second_generation_dump_of_an_mmap_restored_tree_is_refused(cli, engines_here, tiny_snapshot_l1, tmp_path):
+    """Dumping a tree whose memory maps another snapshot's page images would make the new
+    snapshot depend on the old one's files: refused in one line, the server keeps serving."""
+    _need(engines_here, "mmap")
+    from fastvllm.errors import FastvllmError
+
+    snap = tiny_snapshot_l1[0]
+    result = cli.json("restore", str(snap), "--memory", "mmap")
+    with pytest.raises(FastvllmError, match="restored with --memory mmap") as err:
+        criu_ops.dump_tree(criu_ops.find_criu(), result["pids"][0], tmp_path / "gen2")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "gen2").exists()
+    meta = _manifest(snap)
+    _, text = server.complete(result["endpoint"], meta["served_model_name"], meta["canary"]["prompt"])
+    assert text == meta["canary"]["completion"]
