@@ -226,6 +226,10 @@ def complete(endpoint: str, model: str, prompt: str, max_tokens: int = CANARY_TO
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                if not chunk.get("choices"):  # vLLM streams an error object when its engine dies
+                    detail = chunk.get("error", chunk)
+                    raise ServerFailed(f"completion failed inside the server: {str(detail)[:200]}",
+                                       fix="see the server log")
                 text = chunk["choices"][0].get("text", "")
                 if first is None:
                     first = time.monotonic() - start
