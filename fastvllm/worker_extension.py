@@ -120,11 +120,12 @@ class FastvllmWorkerExtension:
                 shards = [f for f in req["files"] if f.endswith(".safetensors")]
                 weights = iter_weights(shards, device=device, stats=stats, **tuning)
                 self.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+            reprocessed = _repack_skipped_linears(self.model_runner.get_model())
         self._fastvllm_released = None
         gc.collect()
         done = time.monotonic()
         return {"alloc_s": round(t_alloc - t0, 4), "reload_s": round(done - t_alloc, 4), "total_s": round(done - t0, 4),
-                "loader": req.get("loader", "fast"), "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool, type(None)))},
+                "loader": req.get("loader", "fast"), "reprocessed_layers": reprocessed, "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool, type(None)))},
                 "rss": _rss()}
 
 
@@ -168,6 +169,28 @@ class FastvllmWorkerExtension:
                 elif current and head and head[0] == "Rss:":
                     mapped += int(head[1]) * 1024
         return {"trimmed": trimmed, "nonzero_bytes": nonzero, "image_mapped_rss": mapped}
+
+
+def _repack_skipped_linears(model) -> int:
+    """Re-run weight post-processing for layers the reload did not reach.
+
+    vLLM's in-place reload post-processes the layers whose weights came from the
+    checkpoint. A tied ``lm_head`` (Llama-3.2 ties it to ``embed_tokens``) has no tensor
+    of its own in the checkpoint, so its packed GEMM stayed released and the first
+    request after a level-2 restore failed (seen on the 3B shapes). Its weight storage is
+    the embedding's, already reloaded: running its quant method's post-processing
+    again re-packs it from there, as at start-up.
+    """
+    redone = 0
+    for module in model.modules():
+        if vars(module).get("cpu_linear") is not _released_linear:
+            continue
+        method = getattr(module, "quant_method", None)
+        if method is None or not hasattr(method, "process_weights_after_loading"):
+            raise RuntimeError(f"fastvllm: {type(module).__name__} was released and cannot be re-packed")
+        method.process_weights_after_loading(module)
+        redone += 1
+    return redone
 
 
 def _unique_storages(tensors, seen: set[int]) -> list[tuple]:

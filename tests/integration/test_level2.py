@@ -134,3 +134,23 @@ def test_copied_weights_snapshot_restores_without_the_model_dir(cli, tiny_model,
     (model / "model.safetensors").unlink()  # the snapshot must not need it any more
     result = cli.json("restore", str(out))
     assert result["level"] == 2 and result["reload"][0]["stats"]["copies"] == 0
+
+
+def test_level2_with_tied_embeddings_repacks_the_lm_head(cli, tmp_path):
+    """Llama-3.2 ties lm_head to embed_tokens: the checkpoint has no lm_head tensor, so
+    vLLM's reload does not post-process it; fastvllm must re-pack it or the first request
+    after restore fails (found on the Llama-3.2-3B shapes)."""
+    from fastvllm import model_maker
+
+    tied = dict(model_maker.LIKE["llama-3.2-3b"], hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=1280,
+                max_position_embeddings=4096)
+    model = model_maker.make_model(tmp_path / "tied", like=tied)["path"]
+    out = tmp_path / "snap"
+    cli.json("snapshot", model, "--out", str(out), "--port", str(server.free_port()), "--level", "2",
+             "--", "--enforce-eager", "--max-model-len", "512")
+    result = cli.json("restore", str(out))  # fails unless the canary matches
+    assert result["level"] == 2 and result["reload"][0]["reprocessed_layers"] >= 1
+    meta = _manifest(out)
+    _, text = server.complete(result["endpoint"], meta["served_model_name"], "Another prompt for the lm_head")
+    assert text
