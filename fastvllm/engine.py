@@ -111,3 +111,11 @@ def reload(endpoint: str, files: list[str], *, loader: str = "fast", model_dir: 
     if plat == "cuda":
         _post(endpoint, "/wake_up", params={"tags": "kv_cache"})
     return {"platform": plat, "workers": workers}
+
+
+def privatize(endpoint: str) -> dict:
+    """After an mmap restore: have every worker copy its page-image mappings into private
+    memory in the background (``FastvllmWorkerExtension.fastvllm_privatize``); returns
+    at once with what each worker will copy."""
+    return {"workers": collective_rpc(endpoint, "fastvllm_privatize")}
+

@@ -142,7 +142,7 @@ def snapshot_files(snapshot: Path, meta: dict | None = None) -> list[Path]:
 def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_canary: bool = True,
                      loader: str = "fast", tuning: dict | None = None, prefetch_mode: str = "overlap",
                      cold: bool = False, drop_caches: bool = False, measure_residency: bool = True,
-                     memory: str = "auto") -> dict:
+                     memory: str = "auto", privatize: bool = True) -> dict:
     """Restore ``snapshot`` and return endpoint, PIDs and timings (seconds since start).
 
     For a level-2 snapshot the weights are reloaded after CRIU restore, by fastvllm's fast
@@ -153,7 +153,9 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
     files from the page cache first (``drop_caches``: the whole cache, if permitted).
     ``measure_residency`` reports the files' page-cache residency before and after; it costs
     ~50 ms before CRIU starts, so callers that do not show it turn it off. ``memory`` is the
-    CRIU memory engine (:func:`choose_memory`). A level-1 snapshot needs no weights: its
+    CRIU memory engine (:func:`choose_memory`); after an ``mmap`` restore ``privatize``
+    copies the mapped weights into private memory in the background (decode speed). A
+    level-1 snapshot needs no weights: its
     KV cache is re-allocated and it serves.
     """
     from . import prefetch
@@ -243,6 +245,8 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
                                f"snapshot recorded {canary['completion']!r}",
                                fix="the restored state is not the snapshot's; take a new snapshot")
         progress.note(f"canary matches: {text!r}")
+        if memory_record["engine"] == "mmap":
+            memory_record["privatize"] = _start_privatize(endpoint, level, privatize)
     except BaseException:
         # CRIU kills a tree it failed to restore; one that restored but misbehaves is ours to kill.
         if root_pid is not None:
@@ -269,6 +273,27 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
     if reload_detail is not None:
         result["reload"] = reload_detail
     return result
+
+
+def _start_privatize(endpoint: str, level: int, wanted: bool) -> dict:
+    """Start copying the workers' mapped weights into private memory, in the background.
+
+    A server restored with ``mmap`` serves at once, but decodes from page-cache pages of
+    the image more slowly than from anonymous memory (Llama-3.2-3B shapes here: 1.57
+    tok/s mapped, 1.83 after this copy, 1.91 after a copy restore). The copy runs in the
+    worker while it serves (~0.65 GB/s here). Level 0 servers have no worker extension
+    to do it; a failure never fails the restore.
+    """
+    if not wanted:
+        return {"started": False, "why": "--no-privatize"}
+    if level not in engine.SLEEP_LEVELS:
+        return {"started": False, "why": "level 0 servers have no worker extension"}
+    try:
+        workers = engine.privatize(endpoint)["workers"]
+    except FastvllmError as exc:
+        print(f"fastvllm: privatize: {exc.message}; the server keeps its mapped pages", file=sys.stderr)
+        return {"started": False, "why": exc.message}
+    return {"started": True, "bytes": sum(int(w.get("bytes", 0)) for w in workers)}
 
 
 def _resident(files: list[Path]) -> tuple[int, int] | None:

@@ -129,6 +129,42 @@ class FastvllmWorkerExtension:
                 "rss": _rss()}
 
 
+    # -- after an mmap restore ------------------------------------------------------------
+
+    def fastvllm_privatize(self, request: str = "{}") -> dict:
+        """Turn this worker's page-image mappings into private anonymous pages, in the
+        background, without changing a byte.
+
+        After ``--memory mmap`` the weights are page-cache pages of the image, mapped
+        copy-on-write; decode read them measurably slower than anonymous memory. Only
+        ``madvise(MADV_POPULATE_WRITE)`` can make the copies here: it does the write
+        faults that break COW, race-free, while inference goes on. This method returns at
+        once; a daemon thread works through the mappings in chunks. ctypes drops the GIL
+        for each call. ``{"wait": true}`` joins the thread, for tests and benchmarks.
+        """
+        import threading
+
+        req = json.loads(request or "{}")
+        ranges = _image_mappings(os.getpid())
+        state = {"ranges": len(ranges), "bytes": sum(end - start for start, end in ranges), "errors": 0}
+
+        def work():
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            chunk = 64 << 20
+            t0 = time.monotonic()
+            for start, end in ranges:
+                for at in range(start, end, chunk):
+                    if libc.madvise(at, min(chunk, end - at), _MADV_POPULATE_WRITE) != 0:
+                        state["errors"] += 1
+            state["seconds"] = round(time.monotonic() - t0, 3)
+
+        thread = threading.Thread(target=work, name="fastvllm-privatize", daemon=True)
+        thread.start()
+        if req.get("wait"):
+            thread.join()
+        return dict(state)
+
     # -- probe for the mmap memory engine (tests) ----------------------------------------
 
     def fastvllm_zeroing_probe(self, request: str = "{}") -> dict:
@@ -169,6 +205,22 @@ class FastvllmWorkerExtension:
                 elif current and head and head[0] == "Rss:":
                     mapped += int(head[1]) * 1024
         return {"trimmed": trimmed, "nonzero_bytes": nonzero, "image_mapped_rss": mapped}
+
+
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+
+
+def _image_mappings(pid: int) -> list[tuple[int, int]]:
+    """Address ranges of ``pid`` mapped from CRIU page images (``pages-N.img``)."""
+    out = []
+    with open(f"/proc/{pid}/maps") as fh:
+        for line in fh:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and os.path.basename(parts[5].strip()).startswith("pages-") \
+                    and parts[5].strip().endswith(".img") and "w" in parts[1]:
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                out.append((start, end))
+    return out
 
 
 def _repack_skipped_linears(model) -> int:

@@ -149,3 +149,34 @@ def test_second_generation_dump_of_an_mmap_restored_tree_is_refused(cli, engines
     meta = _manifest(snap)
     _, text = server.complete(result["endpoint"], meta["served_model_name"], meta["canary"]["prompt"])
     assert text == meta["canary"]["completion"]
+
+
+def _image_clean_bytes(pid: int) -> int:
+    """Bytes of ``pid``'s page-image mappings still backed by the page cache (not copied)."""
+    total, current = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:
+            current = len(head) >= 6 and Path(head[5]).name.startswith("pages-")
+        elif current and head and head[0] in ("Private_Clean:", "Shared_Clean:"):
+            total += int(head[1]) * 1024
+    return total
+
+
+def test_mmap_restore_privatizes_the_workers_mapped_pages(cli, engines_here, tiny_snapshot_l1):
+    """After an mmap restore the worker copies its mapped pages into private memory in the
+    background (decode reads page-cache pages more slowly); the server keeps serving."""
+    _need(engines_here, "mmap")
+    snap = tiny_snapshot_l1[0]
+    result = cli.json("restore", str(snap), "--memory", "mmap")
+    assert result["memory"]["privatize"]["started"] and result["memory"]["privatize"]["bytes"] > 0
+    done = engine.collective_rpc(result["endpoint"], "fastvllm_privatize", request=json.dumps({"wait": True}))
+    assert done[0]["errors"] == 0
+    worker = max((psutil.Process(p) for p in result["pids"]), key=lambda p: p.memory_info().rss)
+    assert _image_clean_bytes(worker.pid) < 0.01 * done[0]["bytes"], "the worker's mapped pages are now private"
+    meta = _manifest(snap)
+    _, text = server.complete(result["endpoint"], meta["served_model_name"], meta["canary"]["prompt"])
+    assert text == meta["canary"]["completion"]
+    cli("stop", "--all")
+    off = cli.json("restore", str(snap), "--memory", "mmap", "--no-privatize")
+    assert off["memory"]["privatize"] == {"started": False, "why": "--no-privatize"}
