@@ -83,7 +83,7 @@ def find_criu() -> Criu:
         candidates.append(Path(on_path))
     for cand in candidates:
         if cand.is_file() and os.access(cand, os.X_OK):
-            version = _binary_version(cand)
+            version = _binary_version(cand.resolve())
             if version < MIN_VERSION:
                 raise FastvllmError(
                     f"CRIU {'.'.join(map(str, version))} at {cand} is too old "
@@ -98,10 +98,7 @@ def find_criu() -> Criu:
 
 
 def _binary_version(binary: Path) -> tuple[int, ...]:
-    try:
-        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise FastvllmError(f"cannot run {binary}: {exc}", fix="reinstall CRIU with ./run.sh setup") from exc
+    out = _version_text(binary)  # also read for the memory engines: one `criu --version` per process
     match = re.search(r"Version:\s*([\d.]+)", out)
     if not match:
         raise FastvllmError(f"cannot read the version of {binary}", fix="reinstall CRIU with ./run.sh setup")
@@ -413,26 +410,30 @@ def _lazy_pages_reason(binary: Path) -> str | None:
         (f": {lines[-1].strip()[:120]})" if lines else ")")
 
 
-def memory_engines(criu: Criu) -> dict[str, str | None]:
-    """Each engine -> None if it runs here, else the one-line reason it does not.
+def memory_engines(criu: Criu, names: tuple[str, ...] = MEMORY_ENGINES) -> dict[str, str | None]:
+    """Each engine of ``names`` -> None if it runs here, else the one-line reason it does not.
 
     ``hugepage`` is listed as available when the patch and THP are there; whether the
     kernel has free huge pages *now* is :func:`hugepages_ready`'s question, per restore.
+    Ask only for the engines needed: ``lazy``'s probe runs ``criu check`` (~40 ms).
     """
     patched = restore_memory_support(criu)
     unpatched = f"CRIU at {criu.binary} is not built with fastvllm's patches (patches/criu/)"
-    out: dict[str, str | None] = {"copy": None}
-    thp = thp_mode()
-    if "hugepage" not in patched:
-        out["hugepage"] = unpatched
-    elif thp == "never":
-        out["hugepage"] = "transparent huge pages are off (/sys/kernel/mm/transparent_hugepage/enabled is never)"
-    elif thp is None:
-        out["hugepage"] = "this kernel has no transparent huge pages"
-    else:
-        out["hugepage"] = None
-    out["mmap"] = None if "mmap" in patched else unpatched
-    out["lazy"] = _lazy_pages_reason(criu.binary)
+    out: dict[str, str | None] = {}
+    for name in names:
+        if name == "copy":
+            out[name] = None
+        elif name in PATCHED_ENGINES and name not in patched:
+            out[name] = unpatched
+        elif name == "hugepage":
+            thp = thp_mode()
+            out[name] = ("this kernel has no transparent huge pages" if thp is None else
+                         "transparent huge pages are off (/sys/kernel/mm/transparent_hugepage/enabled is never)"
+                         if thp == "never" else None)
+        elif name == "mmap":
+            out[name] = None
+        elif name == "lazy":
+            out[name] = _lazy_pages_reason(criu.binary)
     return out
 
 

@@ -107,7 +107,8 @@ def choose_memory(requested: str, criu: criu_ops.Criu, meta: dict, snapshot: Pat
     """
     if requested not in MEMORY_CHOICES:
         raise FastvllmError(f"unknown memory engine {requested!r}", fix=f"use one of {', '.join(MEMORY_CHOICES)}")
-    available = criu_ops.memory_engines(criu)
+    # Only the engines this choice can land on are probed (lazy's probe runs `criu check`).
+    available = criu_ops.memory_engines(criu, defaults.PREFERENCE if requested == "auto" else (requested,))
     fallback = None
     if requested == "auto":
         chosen, skipped = defaults.memory_engine(available)
@@ -219,22 +220,22 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
         with progress.step("waiting for /health"):
             server.wait_healthy(endpoint, root_pid, HEALTH_TIMEOUT_S, Path(meta.get("log", "")) or None)
         healthy_s = progress.elapsed()
-        if level == 1:
-            with progress.step("re-allocating the KV cache (level 1: the weights are in the image)"):
+        if level in engine.SLEEP_LEVELS:
+            plat = meta["server"].get("platform")
+            if level == 1:
+                what = "re-allocating the KV cache (level 1: the weights are in the image)"
+                wake = lambda: engine.wake_kv_cache(endpoint, plat=plat)  # noqa: E731
+            else:
+                checksums.result()
+                weight_paths = manifest.weight_files(meta["weights"], snapshot)
+                what = f"reloading {meta['weights']['weight_bytes'] / 2**20:.0f} MiB of weights ({loader})"
+                wake = lambda: engine.reload(endpoint, weight_paths, loader=loader,  # noqa: E731
+                                             model_dir=meta["model"], plat=plat, **(tuning or {}))
+            with progress.step(what):
                 weights_start = progress.elapsed()
-                woken = engine.wake_kv_cache(endpoint, plat=meta["server"].get("platform"))
+                woken = wake()
             timings["weights_s"] = round(progress.elapsed(), 3)
             timings["reload"] = woken["workers"]
-            timeline["weights"] = {"start": round(weights_start, 3), "end": timings["weights_s"]}
-        elif level == 2:
-            checksums.result()
-            weight_paths = manifest.weight_files(meta["weights"], snapshot)
-            with progress.step(f"reloading {meta['weights']['weight_bytes'] / 2**20:.0f} MiB of weights ({loader})"):
-                weights_start = progress.elapsed()
-                reloaded = engine.reload(endpoint, weight_paths, loader=loader, model_dir=meta["model"],
-                                         plat=meta["server"].get("platform"), **(tuning or {}))
-            timings["weights_s"] = round(progress.elapsed(), 3)
-            timings["reload"] = reloaded["workers"]
             timeline["weights"] = {"start": round(weights_start, 3), "end": timings["weights_s"]}
         canary = meta["canary"]
         asked = progress.elapsed()

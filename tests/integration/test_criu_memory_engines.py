@@ -95,26 +95,24 @@ def _dump(criu, hog: Hog) -> Path:
     return images
 
 
-@pytest.fixture(scope="module")
-def big(criu, memhog, tmp_path_factory):
-    hog = Hog(memhog, tmp_path_factory.mktemp("big"), BIG_MIB)
+def _dumped_hog(criu, hog: "Hog"):
+    """(hog, images) once ``hog`` is dumped; the hog is killed if the dump fails."""
     try:
         images = _dump(criu, hog)
     except BaseException:
         _kill(hog.pid)
         raise
     return hog, images
+
+
+@pytest.fixture(scope="module")
+def big(criu, memhog, tmp_path_factory):
+    return _dumped_hog(criu, Hog(memhog, tmp_path_factory.mktemp("big"), BIG_MIB))
 
 
 @pytest.fixture(scope="module")
 def small(criu, memhog, tmp_path_factory):
-    hog = Hog(memhog, tmp_path_factory.mktemp("small"), SMALL_MIB, mode="alloc")
-    try:
-        images = _dump(criu, hog)
-    except BaseException:
-        _kill(hog.pid)
-        raise
-    return hog, images
+    return _dumped_hog(criu, Hog(memhog, tmp_path_factory.mktemp("small"), SMALL_MIB, mode="alloc"))
 
 
 def _smaps_kib(pid: int, key: str) -> int:

@@ -53,16 +53,21 @@ def test_tokenizer_round_trips(tiny):
     assert tok.decode(ids, skip_special_tokens=True) == text
 
 
-def test_loads_and_greedy_output_varies(tiny):
+def _greedy_16(path) -> list[int]:
+    """16 greedy token ids from the model at ``path`` (loaded in bf16) for a fixed prompt."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny["path"])
-    model = AutoModelForCausalLM.from_pretrained(tiny["path"])
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
     assert model.dtype == torch.bfloat16
     inputs = tok("Every old teacher watched the ship", return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False)
-    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_loads_and_greedy_output_varies(tiny):
+    new = _greedy_16(tiny["path"])
     assert len(new) == 16
     assert len(set(new)) > 1, new
 
@@ -235,17 +240,11 @@ def test_like_tokenizer_fills_vocab_in_llama3_layout(small_like):
 
 
 def test_like_loads_in_transformers_and_greedy_output_varies(small_like):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(small_like["path"])
     assert cfg.tie_word_embeddings is True and cfg.num_key_value_heads == 2
-    tok = AutoTokenizer.from_pretrained(small_like["path"])
-    model = AutoModelForCausalLM.from_pretrained(small_like["path"])
-    assert model.dtype == torch.bfloat16
-    inputs = tok("Every old teacher watched the ship", return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False)
-    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    new = _greedy_16(small_like["path"])
     assert len(new) == 16 and len(set(new)) > 1, new
 
 
