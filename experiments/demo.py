@@ -36,10 +36,12 @@ def main() -> None:
     t = rest["timings"]
     rows = [
         ("cold start -> first token", f"{cold:6.2f} s", "vLLM process start, load, warm-up request"),
-        ("CRIU dump (after level-2 sleep)", f"{snap['timings']['dump_s']:6.2f} s",
-         f"{snap['image_bytes'] / 2**30:.2f} GiB of images (no weights, no KV cache)"),
+        (f"CRIU dump (after level-{snap['level']} sleep)", f"{snap['timings']['dump_s']:6.2f} s",
+         f"{snap['image_bytes'] / 2**30:.2f} GiB of images ("
+         + {1: "no KV cache", 2: "no weights, no KV cache"}.get(snap["level"], "whole process") + ")"),
         ("restore -> first token", f"{warm:6.2f} s",
-         f"CRIU restore {t['restore_s']:.2f} s, weights back {t['weights_s']:.2f} s, canary identical"),
+         f"CRIU restore {t['restore_s']:.2f} s ({rest['memory']['engine']} memory), "
+         f"ready to serve {t.get('weights_s', t['healthy_s']):.2f} s, canary identical"),
         ("speed-up", f"{cold / warm:6.1f} x", "one run each; ./run.sh bench for medians"),
     ]
     print()
