@@ -74,7 +74,7 @@ def main() -> None:
                 row["privatize"] = {"wall_s": round(time.monotonic() - t0, 2), "workers": done}
                 row["decode_after_privatize"] = _decodes(res["endpoint"], worker, 2, args.tokens)
             runs.append(row)
-            _fastvllm("stop", "--all")
+            _fastvllm("stop", "--json", "--all")
             print(json.dumps(row), file=sys.stderr, flush=True)
 
     def med(memory: str, key: str) -> float:
