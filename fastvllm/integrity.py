@@ -10,7 +10,8 @@ be shown unchanged, and they must stay unchanged while it runs.
   while the files are still in the page cache), is made read-only (0400), and its
   identity (inode, size, mtime, ctime) is recorded *after* the chmod.
 - Before a restore that maps the images, a matching identity is taken as proof: ctime
-  cannot be set back from user space, so any write, truncate or chmod since shows. When
+  cannot be set back from user space, so any write, truncate or chmod since shows (so does
+  a new hard link, which then costs a digest check but is accepted). When
   the identity differs (the snapshot was copied to another volume or host, or touched)
   the digests are recomputed and compared, which costs a read of the images (~1-3 GB/s).
 

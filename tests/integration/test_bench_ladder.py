@@ -54,7 +54,8 @@ def test_ladder_smoke_run(tiny_model, tmp_path):
         assert ("kv_cache_realloc" in r["phases"]) == (BY_ID[r["method_id"]].level == 1)
         assert r["ready_s"] <= r["first_token_s"]
         # every server, cold or restored, decoded the probe's 64 tokens at a real speed
-        assert r["decode_tok_s"] > 0 and r["decode"]["tokens"] == 64 and r["decode"]["tokens_timed"] == 63
+        # (the first streamed chunk may carry more than one token on a loaded machine)
+        assert r["decode_tok_s"] > 0 and r["decode"]["tokens"] == 64 and 32 <= r["decode"]["tokens_timed"] <= 63
         assert r["decode"]["source"] == "engine" and r["decode"]["stream_tok_s"] > 0  # vLLM's clock, see runner
         if BY_ID[r["method_id"]].is_restore:
             assert r["memory"]["requested"] == BY_ID[r["method_id"]].memory
