@@ -21,11 +21,17 @@ on purpose (``auto``), to show what a user gets. The ids:
  11   criu-l1-lazy              1      lazy        prefetch overlap
  12   criu-l2-fast-mmap         2      mmap        fast reloader, prefetch off
  13   criu-l1-auto              1      auto        prefetch overlap (all defaults)
+ 14   criu-l0-hugepage          0      hugepage    prefetch overlap
+ 15   criu-l0-lazy              0      lazy        prefetch overlap
+ 16   criu-l2-fast-hugepage     2      hugepage    fast reloader, prefetch off
+ 17   criu-l2-fast-lazy         2      lazy        fast reloader, prefetch off
 ====  ========================  =====  ==========  ==================================
 
 1-6 keep the meaning they had before the memory engines existed (3 took the then-default
 overlapped prefetch, so the level-0/1 methods all do: 7-11 and 13 differ from 3 or 8 only in
-what the id says). 12 is 5 with the mmap engine, the fastest-looking combination.
+what the id says). 12 is 5 with the mmap engine, the fastest-looking combination. 14-17 fill
+the rest of the level x engine matrix (levels 0 and 2 with hugepage and lazy), so that one
+``--methods 3,5,7-17`` run covers every level with every engine.
 """
 
 from __future__ import annotations
@@ -80,6 +86,11 @@ LADDER: tuple[Method, ...] = (
     Method(11, "criu-l1-lazy", "CRIU level 1, lazy pages", **_restore(1, "lazy", *_OVERLAP)),
     Method(12, "criu-l2-fast-mmap", "CRIU level 2 + fast reloader, mmap", **_restore(2, "mmap", *_FAST_OFF)),
     Method(13, "criu-l1-auto", "CRIU level 1, auto engine (restore's default)", **_restore(1, "auto", *_OVERLAP)),
+    Method(14, "criu-l0-hugepage", "CRIU level 0 (whole process), hugepage", **_restore(0, "hugepage", *_OVERLAP)),
+    Method(15, "criu-l0-lazy", "CRIU level 0 (whole process), lazy pages", **_restore(0, "lazy", *_OVERLAP)),
+    Method(16, "criu-l2-fast-hugepage", "CRIU level 2 + fast reloader, hugepage",
+           **_restore(2, "hugepage", *_FAST_OFF)),
+    Method(17, "criu-l2-fast-lazy", "CRIU level 2 + fast reloader, lazy pages", **_restore(2, "lazy", *_FAST_OFF)),
 )
 BY_ID = {m.id: m for m in LADDER}
 COLD_BASELINES = (1, 2)  # the cold starts a restore's decode speed is compared with, first found wins
@@ -112,7 +123,7 @@ def unavailable_methods() -> list[Unavailable]:
 
 
 def parse_ids(text: str) -> list[int]:
-    """'1-13', '1,3,5', '4-6,1' or 'all' -> sorted method ids; unknown ids are an error."""
+    """'1-17', '1,3,5', '4-6,1' or 'all' -> sorted method ids; unknown ids are an error."""
     if text.strip().lower() == "all":
         return sorted(BY_ID)
     ids: set[int] = set()

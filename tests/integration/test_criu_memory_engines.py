@@ -49,13 +49,14 @@ def memhog(tmp_path_factory):
 class Hog:
     """A memhog process (first the original, then whichever restore owns its PID)."""
 
-    def __init__(self, binary: Path, workdir: Path, mib: int, mode: str = "fill"):
+    def __init__(self, binary: Path, workdir: Path, mib: int, mode: str = "fill", env: dict | None = None):
         self.dir = workdir
         self.out = workdir / "report.txt"
         self.log = workdir / "stdout.txt"
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen([str(binary), str(mib), str(self.out), mode], stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, **(env or {})})
         self.pid = self.proc.pid
         deadline = time.monotonic() + 120
         while not self.log.read_text().startswith("ready"):
@@ -113,6 +114,25 @@ def big(criu, memhog, tmp_path_factory):
 @pytest.fixture(scope="module")
 def small(criu, memhog, tmp_path_factory):
     return _dumped_hog(criu, Hog(memhog, tmp_path_factory.mktemp("small"), SMALL_MIB, mode="alloc"))
+
+
+@pytest.fixture(scope="module")
+def small_heap(criu, memhog, tmp_path_factory):
+    """As ``small``, but its malloc chunks live in the brk heap (glibc's main arena)."""
+    return _dumped_hog(criu, Hog(memhog, tmp_path_factory.mktemp("small-heap"), SMALL_MIB, mode="alloc",
+                                 env={"MALLOC_ARENA_MAX": "1"}))
+
+
+def _image_mapped_in_heap(pid: int, images: Path) -> bool:
+    """Whether a piece of the pages image is mapped inside the process's brk heap: between
+    ``start_brk`` (/proc/PID/stat field 47) and the current break, which is the end of the
+    last VMA that starts in that range (the heap is one run of VMAs once pieces are mapped)."""
+    start_brk = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[44])
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        lo = int(line.split("-", 1)[0], 16)
+        if str(images / "pages-") in line and start_brk <= lo < start_brk + (1 << 32):
+            return True
+    return False
 
 
 def _smaps_kib(pid: int, key: str) -> int:
@@ -181,6 +201,26 @@ def test_allocator_after_mmap_restore(criu, small):
             _kill(pid)
     assert seen["copy"]["raw"] == "zero", seen
     assert seen["mmap"]["raw"] == "image", seen
+    for engine in seen:
+        assert seen[engine]["calloc_nonzero"] == "0", seen
+        assert seen[engine]["sum"] == hog.checksum, seen
+
+
+def test_main_heap_after_mmap_restore(criu, small_heap):
+    """The brk heap is mapped from the image too (patch 0003), and glibc's main arena stays
+    correct on it: free + malloc_trim(0) (MADV_DONTNEED of free chunks inside the heap and a
+    brk shrink) then calloc of the same sizes (which grows brk again and trusts the kernel
+    for zeros only there) still returns zeros, and every byte comes back."""
+    hog, images = small_heap
+    seen = {}
+    for engine in ("copy", "mmap"):
+        pid, _ = criu_ops.restore_tree(criu, images, criu_ops.RestoreOptions(memory=engine))
+        try:
+            seen[engine] = {"heap_mapped": _image_mapped_in_heap(pid, images), **hog.ask(pid)}
+            assert hog.ask(pid)["sum"] == hog.checksum, f"{engine}: second look differs"
+        finally:
+            _kill(pid)
+    assert seen["mmap"]["heap_mapped"] and not seen["copy"]["heap_mapped"], seen
     for engine in seen:
         assert seen[engine]["calloc_nonzero"] == "0", seen
         assert seen[engine]["sum"] == hog.checksum, seen

@@ -7,8 +7,9 @@
  * weights), fills it with a seeded xorshift64 pattern, and also keeps glibc heap memory
  * with the same pattern: one large calloc (an mmap'd chunk) and CHUNKS small malloc
  * chunks. Everything runs in a second thread so those small chunks live in a non-main
- * malloc arena, which glibc builds from ordinary private anonymous mappings (the kind
- * the restore-memory engines treat differently); the main brk heap is left to upstream.
+ * malloc arena, which glibc builds from ordinary private anonymous mappings. Run with
+ * MALLOC_ARENA_MAX=1, they live in the main arena instead, i.e. in the brk heap
+ * ([heap]), which the mmap engine maps too (patches/criu/0003).
  * A 256 KiB area marked MADV_WIPEONFORK (as RNG state often is) must come back too:
  * the kernel refuses that advice on a file mapping, so mmap must leave it anonymous.
  * Prints "ready <checksum>" once filled.

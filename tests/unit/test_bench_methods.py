@@ -3,7 +3,7 @@ import pytest
 from fastvllm.bench import LADDER, unavailable_methods
 from fastvllm.bench.methods import BY_ID, parse_ids
 
-ALL = list(range(1, 14))
+ALL = list(range(1, 18))
 
 
 def test_ladder_is_numbered_in_order_and_each_step_is_distinct():
@@ -36,18 +36,24 @@ def test_every_restore_names_its_memory_engine_and_level_one_is_covered():
     # 12 differs from 5 only in the engine
     assert BY_ID[12].level == 2 and BY_ID[12].memory == "mmap"
     assert [a for a in BY_ID[12].restore_args if a != "mmap"] == [a for a in BY_ID[5].restore_args if a != "copy"]
+    # every level meets every engine (auto only at level 1, what a user gets)
+    matrix = {(m.level, m.memory) for m in restores}
+    assert {(lv, e) for lv in (0, 1, 2) for e in ("copy", "hugepage", "mmap", "lazy")} <= matrix
+    # 16 and 17 differ from 5 only in the engine
+    for i, engine in ((16, "hugepage"), (17, "lazy")):
+        assert [a for a in BY_ID[i].restore_args if a != engine] == [a for a in BY_ID[5].restore_args if a != "copy"]
     # level 1 keeps its weights: no loader to choose
     assert all(_opt(m, "--loader") is None for m in restores if m.level in (0, 1))
 
 
 @pytest.mark.parametrize("text,ids", [("1-6", [1, 2, 3, 4, 5, 6]), ("1,3,5", [1, 3, 5]), ("4-6,1", [1, 4, 5, 6]),
-                                      ("2", [2]), ("all", ALL), (" ALL ", ALL), ("1-13", ALL),
+                                      ("2", [2]), ("all", ALL), (" ALL ", ALL), ("1-17", ALL),
                                       ("1,3,8,9", [1, 3, 8, 9])])
 def test_parse_ids(text, ids):
     assert parse_ids(text) == ids
 
 
-@pytest.mark.parametrize("text", ["0-3", "14", "a", "", "1-x", "12-14"])
+@pytest.mark.parametrize("text", ["0-3", "18", "a", "", "1-x", "16-18"])
 def test_parse_ids_rejects(text):
     with pytest.raises(ValueError):
         parse_ids(text)
@@ -55,5 +61,5 @@ def test_parse_ids_rejects(text):
 
 def test_the_step_after_the_ladder_is_vllms_own_snapshot_with_a_reason():
     rows = unavailable_methods()
-    assert [(u.id, u.key) for u in rows] == [(14, "vllm-snapshot")]
+    assert [(u.id, u.key) for u in rows] == [(18, "vllm-snapshot")]
     assert rows[0].reason
