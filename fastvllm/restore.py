@@ -246,6 +246,8 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
                                f"snapshot recorded {canary['completion']!r}",
                                fix="the restored state is not the snapshot's; take a new snapshot")
         progress.note(f"canary matches: {text!r}")
+        memory_record["anon_huge_kib"] = {"dumped": meta["tree"].get("anon_huge_kib"),
+                                          "restored": server.tree_anon_huge_kib(pids)}
         if memory_record["engine"] == "mmap":
             memory_record["privatize"] = _start_privatize(endpoint, level, privatize)
     except BaseException:

@@ -248,6 +248,22 @@ def tree_pids(root_pid: int) -> list[int]:
         return []
 
 
+def tree_anon_huge_kib(pids: list[int]) -> int:
+    """Transparent huge pages (``AnonHugePages``) over a process tree, in KiB.
+
+    CRIU's restorer refills memory in 4 KiB pages unless the hugepage engine advised the
+    areas first, so this is recorded before the dump and after the restore: the two side
+    by side show whether a restore kept, lost or added huge pages."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                total += next((int(line.split()[1]) for line in fh if line.startswith("AnonHugePages:")), 0)
+        except OSError:
+            continue
+    return total
+
+
 def stop_tree(root_pid: int, pids: list[int] | None = None, timeout: float = 30.0) -> None:
     """SIGTERM the root and let vLLM shut its children down (so that its resource tracker
     unlinks the /dev/shm objects); SIGKILL whatever is left after ``timeout``."""

@@ -119,6 +119,7 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
                 released = engine.release(spec.endpoint, level=level)
 
         pids = server.tree_pids(proc.pid)
+        anon_huge_kib = server.tree_anon_huge_kib(pids)
         shm = external_files.shm_paths_of(pids)
         t_dump = time.monotonic()
         with progress.step(f"dumping {len(pids)} processes with CRIU {criu.version_str}"):
@@ -150,7 +151,7 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
                 "versions": manifest.host_versions(criu.version_str),
                 "canary": {"prompt": server.CANARY_PROMPT, "max_tokens": server.CANARY_TOKENS,
                            "temperature": 0.0, "completion": canary},
-                "tree": {"root_pid": proc.pid, "pids": pids},
+                "tree": {"root_pid": proc.pid, "pids": pids, "anon_huge_kib": anon_huge_kib},
                 "log": str(log_path),
                 "external_files": [item.to_json() for item in saved],
                 "images": sealed,

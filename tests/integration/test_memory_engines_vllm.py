@@ -70,6 +70,9 @@ def test_each_engine_restores_each_level_with_the_canary(cli, engines_here, tiny
     else:
         assert mem["engine"] == memory and mem["fallback"] is None
     meta = _manifest(snap)
+    # huge pages of the tree before the dump and after this restore, side by side
+    huge = mem["anon_huge_kib"]
+    assert huge["dumped"] == meta["tree"]["anon_huge_kib"] and isinstance(huge["restored"], int), huge
     for prompt in ("A different prompt, to exercise every layer again", meta["canary"]["prompt"]):
         _, text = server.complete(result["endpoint"], meta["served_model_name"], prompt)
     assert text == meta["canary"]["completion"]
