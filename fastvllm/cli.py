@@ -200,6 +200,8 @@ def bench(ctx: typer.Context, model: str = typer.Argument(..., help="Model direc
                                                                  "(default: experiments/results in a clone, else ./bench-results)."),
           work_dir: Path = typer.Option(Path("/var/tmp"), help="Where the run's snapshots and caches live."),
           keep_work: bool = typer.Option(False, help="Keep the snapshots and compile caches afterwards."),
+          decode_tokens: int = typer.Option(64, help="Tokens of the decode-speed probe after each start "
+                                                     "(fewer for big models on CPU: a 3B model decodes ~1.7 tok/s)."),
           as_json: bool = typer.Option(False, "--json", help="Print the summary rows as one JSON object.")):
     """Time every start-up method side by side, then each server's decode tokens/s: 1 cold
     (compile caches cleared), 2 cold (caches kept); CRIU restores with --memory copy: 3 level 0,
@@ -222,7 +224,8 @@ def bench(ctx: typer.Context, model: str = typer.Argument(..., help="Model direc
         results_dir = clone / "results" if clone.is_dir() else Path("bench-results")
     cfg = LadderConfig(model=model, repeats=repeats, methods=ids, modes=_csv(modes), caches=_csv(caches),
                        port=port, results_dir=results_dir, work_dir=work_dir, keep_work=keep_work,
-                       server_args=list(ctx.args), command=" ".join(["fastvllm", "bench", *sys.argv[2:]]))
+                       server_args=list(ctx.args), command=" ".join(["fastvllm", "bench", *sys.argv[2:]]),
+                       decode_tokens=decode_tokens)
     progress = Progress()  # one line per run, on stderr (also with --json: the run is long)
     run_dir = run_ladder(cfg, say=progress.note)
     _, runs = report.load(run_dir)
@@ -254,6 +257,17 @@ def bench_weights(ctx: typer.Context):
     if not script.is_file():
         raise FastvllmError(f"{script} not found", fix="run from a clone of the fastvllm repository")
     raise typer.Exit(subprocess.call([sys.executable, str(script), *ctx.args]))
+
+
+@app.command("bench-weights-gpu", context_settings={**EXTRA, "help_option_names": []})
+def bench_weights_gpu(ctx: typer.Context):
+    """The weight path to a GPU alone: a Llama-3.2-3B-shaped checkpoint read into preallocated
+    device tensors by fastvllm's reader vs pinned host-to-device copies, load_file and safe_open,
+    every tensor checked bit-identical; CPU analogues without a GPU. Needs only torch and
+    safetensors. ARGS go to python -m fastvllm.bench.weights_gpu (see its --help), e.g. --out DIR."""
+    from .bench.weights_gpu import main as bench_main
+
+    raise typer.Exit(bench_main(list(ctx.args)))
 
 
 @app.command()

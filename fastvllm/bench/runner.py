@@ -57,10 +57,15 @@ class LadderConfig:
     server_args: list[str] = field(default_factory=list)
     timeout_s: float = 1500.0
     command: str = ""
+    # fewer on big models on CPU: 64 tokens of a 3B model at ~1.7 tok/s is 37 s a run
+    decode_tokens: int = DECODE_TOKENS
 
     def check(self) -> None:
         if self.repeats < 1:
             raise FastvllmError("--repeats must be at least 1", fix="e.g. --repeats 3")
+        if self.decode_tokens < 2:
+            raise FastvllmError("--decode-tokens must be at least 2 (decode speed is timed after the first)",
+                                fix="e.g. --decode-tokens 16")
         bad = [m for m in self.modes if m not in MODES] + [c for c in self.caches if c not in CACHES]
         if bad or not self.modes or not self.caches:
             raise FastvllmError(f"unknown mode or cache state {bad}",
@@ -84,7 +89,7 @@ def run_ladder(cfg: LadderConfig, say: Callable[[str], None] = print) -> Path:
             "machine": machine.describe(work), "versions": _versions(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "snapshots": {},
             "unavailable": [asdict(u) for u in unavailable_methods()],
-            "decode_probe": {"prompt": DECODE_PROMPT, "tokens": DECODE_TOKENS, "greedy": True, "ignore_eos": True},
+            "decode_probe": {"prompt": DECODE_PROMPT, "tokens": cfg.decode_tokens, "greedy": True, "ignore_eos": True},
             "status": "running"}
     _write(run_dir / "run.json", meta)
     bench = _Bench(cfg, model, work, run_dir, say)
@@ -191,7 +196,7 @@ class _Bench:
                 # start-up times stay in the record.
                 endpoint = out.get("endpoint") or f"http://{server.LOOPBACK}:{self.cfg.port}"
                 try:
-                    rec["decode"] = measure_decode(endpoint)
+                    rec["decode"] = measure_decode(endpoint, tokens=self.cfg.decode_tokens)
                     rec.update(ok=True, decode_tok_s=rec["decode"]["tok_s"])
                 except (httpx.HTTPError, FastvllmError, ValueError, KeyError) as exc:
                     rec["error"] = f"decode probe failed: {exc.__class__.__name__}: {exc}"

@@ -86,3 +86,13 @@ def test_decode_totals_add_every_engine_and_ignore_other_series():
 @pytest.mark.parametrize("text", ["", "vllm:request_decode_time_seconds_sum 1.0\n", "# nothing\n"])
 def test_decode_totals_need_both_sum_and_count(text):
     assert runner.decode_totals(text) is None
+
+
+@pytest.mark.parametrize("bad", [{"repeats": 0}, {"decode_tokens": 1}, {"modes": ["turbo"]}])
+def test_ladder_config_refuses_bad_settings_with_a_fix(bad):
+    from fastvllm.bench.runner import LadderConfig
+    from fastvllm.errors import FastvllmError
+
+    with pytest.raises(FastvllmError) as err:
+        LadderConfig(model="m", **bad).check()
+    assert err.value.fix
