@@ -208,7 +208,8 @@ def bench(ctx: typer.Context, model: str = typer.Argument(..., help="Model direc
     4 level 2 + vLLM reload_weights, 5 level 2 + fast reloader, 6 as 5 with overlapped prefetch,
     8 level 1 (KV cache released); other memory engines: 7 level 0 mmap, 9 level 1 mmap,
     10 level 1 hugepage, 11 level 1 lazy, 12 level 2 fast reloader mmap, 13 level 1 auto,
-    14 level 0 hugepage, 15 level 0 lazy, 16 level 2 fast reloader hugepage, 17 level 2 lazy;
+    14 level 0 hugepage, 15 level 0 lazy, 16 level 2 fast reloader hugepage, 17 level 2 lazy,
+    18 level 1 hugepage with its readiness check off;
     warm and evicted page cache; eager and compiled. Writes raw JSON per run, summary.csv,
     table.md and ladder.png. ARGS after -- go to every server."""
     from .bench import LadderConfig, run_ladder, report

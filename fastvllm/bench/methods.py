@@ -25,13 +25,16 @@ on purpose (``auto``), to show what a user gets. The ids:
  15   criu-l0-lazy              0      lazy        prefetch overlap
  16   criu-l2-fast-hugepage     2      hugepage    fast reloader, prefetch off
  17   criu-l2-fast-lazy         2      lazy        fast reloader, prefetch off
+ 18   criu-l1-hugepage-forced   1      hugepage    as 10, readiness check off (env)
 ====  ========================  =====  ==========  ==================================
 
 1-6 keep the meaning they had before the memory engines existed (3 took the then-default
 overlapped prefetch, so the level-0/1 methods all do: 7-11 and 13 differ from 3 or 8 only in
 what the id says). 12 is 5 with the mmap engine, the fastest-looking combination. 14-17 fill
 the rest of the level x engine matrix (levels 0 and 2 with hugepage and lazy), so that one
-``--methods 3,5,7-17`` run covers every level with every engine.
+``--methods 3,5,7-17`` run covers every level with every engine. 18 is 10 with the huge-page
+readiness check turned off (``FASTVLLM_HUGEPAGE_CHECK=off``): on VMs with free page reporting
+10 falls back to copy, and 18 measures what huge pages would do to restore and decode speed.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class Method:
     level: int | None = None
     restore_args: tuple[str, ...] = ()
     fresh_compile_cache: bool = False
+    env: tuple[tuple[str, str], ...] = ()  # extra environment for the command
 
     @property
     def is_restore(self) -> bool:
@@ -91,6 +95,8 @@ LADDER: tuple[Method, ...] = (
     Method(16, "criu-l2-fast-hugepage", "CRIU level 2 + fast reloader, hugepage",
            **_restore(2, "hugepage", *_FAST_OFF)),
     Method(17, "criu-l2-fast-lazy", "CRIU level 2 + fast reloader, lazy pages", **_restore(2, "lazy", *_FAST_OFF)),
+    Method(18, "criu-l1-hugepage-forced", "CRIU level 1, hugepage, readiness check off",
+           env=(("FASTVLLM_HUGEPAGE_CHECK", "off"),), **_restore(1, "hugepage", *_OVERLAP)),
 )
 BY_ID = {m.id: m for m in LADDER}
 COLD_BASELINES = (1, 2)  # the cold starts a restore's decode speed is compared with, first found wins
@@ -123,7 +129,7 @@ def unavailable_methods() -> list[Unavailable]:
 
 
 def parse_ids(text: str) -> list[int]:
-    """'1-17', '1,3,5', '4-6,1' or 'all' -> sorted method ids; unknown ids are an error."""
+    """'1-18', '1,3,5', '4-6,1' or 'all' -> sorted method ids; unknown ids are an error."""
     if text.strip().lower() == "all":
         return sorted(BY_ID)
     ids: set[int] = set()

@@ -170,7 +170,7 @@ class _Bench:
                     raise _Skip(snap or "no snapshot")
                 files = snapshot_files(snap)
                 argv = ["restore", str(snap), *method.restore_args]
-                env = self._env(self.kept_cache)
+                env = {**self._env(self.kept_cache), **dict(method.env)}
             else:
                 if method.fresh_compile_cache:
                     fresh = self.work / f"fresh-cache-{self.index}"

@@ -345,6 +345,14 @@ def test_hugepages_ready():
     assert not ok and "free page reporting" in why and "\n" not in why
 
 
+def test_hugepage_check_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("FASTVLLM_HUGEPAGE_CHECK", "off")
+    ok, why = criu_ops.hugepages_ready(1 << 40, buddyinfo=BUDDY, thp="madvise", reporting=True)
+    assert ok and "FASTVLLM_HUGEPAGE_CHECK=off" in why
+    monkeypatch.setenv("FASTVLLM_HUGEPAGE_CHECK", "on")
+    assert not criu_ops.hugepages_ready(1 << 20, buddyinfo=BUDDY, thp="madvise", reporting=True)[0]
+
+
 def test_free_page_reporting_reads_the_balloon_feature_bit(tmp_path):
     def dev(name, device, features):
         d = tmp_path / name
@@ -417,8 +425,9 @@ def test_failed_lazy_restore_kills_the_daemon(tmp_path, monkeypatch):
     # lazy-pages: listen (create the socket file in -W) and wait to be killed; restore: fail
     criu = _fake_criu(tmp_path, f'''
 if [ "$1" = lazy-pages ]; then
+  echo $$ > {tmp_path}/daemon.pid.tmp; mv {tmp_path}/daemon.pid.tmp {tmp_path}/daemon.pid  # before it is "listening"
   while [ $# -gt 0 ]; do [ "$1" = -W ] && touch "$2/lazy-pages.socket"; shift; done
-  echo $$ > {tmp_path}/daemon.pid; exec sleep 60
+  exec sleep 60
 fi
 echo "Error (criu/cr-restore.c:2331): Restoring FAILED." >&2; exit 1''')
     with pytest.raises(criu_ops.CriuFailed):
