@@ -260,7 +260,7 @@ def _random_tensor(name: str, shape: tuple[int, ...], seed: int):
     return out
 
 
-def _shard_plan(table: list[tuple[str, tuple[int, ...]]], shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+def shard_plan(table: list[tuple[str, tuple[int, ...]]], shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
     """Whole layers per shard, in checkpoint order, up to ``shard_bytes`` each (bf16)."""
     groups: dict[str, list] = {}
     for name, shape in table:
@@ -362,7 +362,7 @@ def _write_like(tmp: Path, config: dict, seed: int, shard_bytes: int) -> dict:
     (tmp / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": config.get("bos_token_id"), "eos_token_id": eos}, indent=2) + "\n")
     table = tensor_table(config)
-    shards = _shard_plan(table, shard_bytes)
+    shards = shard_plan(table, shard_bytes)
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, 1):
         name = (f"model-{i:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1

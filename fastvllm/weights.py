@@ -10,14 +10,15 @@ run at disk / page-cache speed:
   file order and cut them into *chunks*: contiguous byte ranges of one file made of
   whole *groups* (``name.rsplit(".", 2)[0]``, e.g. all of ``model.layers.3.self_attn``).
 * **Read** (:func:`iter_weights`): a thread pool works through the chunks ahead of
-  the consumer, a tensor is yielded once its bytes are in. For CUDA (``io="pread"``)
-  ``buffers`` pinned chunk buffers rotate: slices of the next chunks are ``preadv``-ed
-  into them while the consumer walks the current one, and each tensor is copied to the
-  device on a side stream. Tensors are views into the buffers (no per-tensor
-  allocation), so their lifetime is bounded; vLLM's layerwise reload keeps the tensors
-  of a layer until the whole layer has arrived, which is why chunks never split a
-  group. On CPU (``io="mmap"``) the files are mapped and the pool prefaults them;
-  tensors are views of the mapping, which halves the memory traffic.
+  the consumer, a tensor is yielded once its bytes are in. With ``io="pread"`` on CPU,
+  ``buffers`` chunk buffers rotate: slices of the next chunks are ``preadv``-ed into
+  them while the consumer walks the current one. Tensors are views into the buffers (no
+  per-tensor allocation), so their lifetime is bounded; vLLM's layerwise reload keeps
+  the tensors of a layer until the whole layer has arrived, which is why chunks never
+  split a group. On CPU (``io="mmap"``, the default there) the files are mapped and the
+  pool prefaults them; tensors are views of the mapping, which halves the memory
+  traffic. On a GPU the files go through pinned fixed-size pieces and a side stream
+  into fresh device tensors: :mod:`fastvllm.device_reader`.
 * **Dump / reference / verify** (:func:`dump_weights`, :func:`reference_weights`,
   :func:`verify_weights`, :func:`check_against_model`): the files a snapshot depends
   on, with sizes and sha256, and checks that they still match.
@@ -32,6 +33,7 @@ import json
 import math
 import mmap
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -345,14 +347,15 @@ def _span(first: TensorEntry, last: TensorEntry) -> int:
 
 
 class CopyEngine(Protocol):
-    """Where tensors go after they are read, and how the reader knows a buffer is free.
+    """The CPU path's hooks: where tensors go after they are read, and how the reader knows
+    a buffer is free (the device path has its own: :class:`fastvllm.device_reader.DeviceCopyEngine`).
 
     Per tensor the reader calls ``copy``, then ``record``, then ``publish`` with that
     event, then yields. Before a chunk's buffer is refilled it calls ``wait`` with the
-    event of the chunk's last tensor (events on one stream complete in order).
+    event of the chunk's last tensor (events complete in order).
     """
 
-    independent: bool  # copy() returns tensors that do not alias the chunk buffer
+    independent: bool  # False: tensors may be views into the chunk buffers
 
     def alloc(self, nbytes: int) -> torch.Tensor: ...
     def copy(self, tensor: torch.Tensor) -> torch.Tensor: ...
@@ -390,45 +393,25 @@ class CpuCopyEngine:
         pass
 
 
-class CudaCopyEngine:
-    """Pinned chunk buffers, copied to the GPU on a side stream so the H2D copy of a
-    chunk overlaps the disk read of the next one."""
-
-    independent = True
-
-    def __init__(self, device: str | torch.device):
-        self.device = torch.device(device)
-        self.stream = torch.cuda.Stream(self.device)
-
-    def alloc(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-
-    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        with torch.cuda.stream(self.stream):
-            out = tensor.to(self.device, non_blocking=True)
-        # Allocated on the side stream, used on the consumer's: keep the caching
-        # allocator from reusing it before the consumer's work on it is done.
-        out.record_stream(torch.cuda.current_stream(self.device))
-        return out
-
-    def record(self) -> torch.cuda.Event:
-        event = torch.cuda.Event()
-        event.record(self.stream)
-        return event
-
-    def publish(self, event: torch.cuda.Event) -> None:
-        torch.cuda.current_stream(self.device).wait_event(event)
-
-    def wait(self, event: torch.cuda.Event) -> None:
-        event.synchronize()
+_device_engines: dict = {}
+_device_engines_lock = threading.Lock()
 
 
-def copy_engine_for(device: str | torch.device) -> CopyEngine:
+def copy_engine_for(device: str | torch.device):
+    """The engine for ``device``: a fresh CPU engine, or the process's one engine per CUDA
+    device, which keeps its side stream and pinned buffers from one reload to the next."""
     dev = torch.device(device)
     if dev.type == "cpu":
         return CpuCopyEngine()
     if dev.type == "cuda":
-        return CudaCopyEngine(dev)
+        from .device_reader import CudaCopyEngine
+
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        with _device_engines_lock:
+            if dev not in _device_engines:
+                _device_engines[dev] = CudaCopyEngine(dev)
+            return _device_engines[dev]
     raise ValueError(f"unsupported device for weight streaming: {dev}")
 
 
@@ -460,10 +443,10 @@ class ReadStats:
 
 
 def iter_weights(source: WeightPlan | str | os.PathLike | Sequence[str | os.PathLike], *,
-                 threads: int = DEFAULT_THREADS, chunk_bytes: int | None = None,
+                 threads: int | None = None, chunk_bytes: int | None = None,
                  buffers: int = DEFAULT_BUFFERS, device: str | torch.device = "cpu",
                  stats: ReadStats | dict | None = None, io: str = "auto",
-                 engine: CopyEngine | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                 engine: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor of ``source``, in file order.
 
     The plan is made (headers parsed, files checked) at call time, so a missing or
@@ -480,9 +463,14 @@ def iter_weights(source: WeightPlan | str | os.PathLike | Sequence[str | os.Path
     (``name.rsplit(".", 2)[0]``), so when a group's last tensor arrives, all of the
     group's tensors are still valid; the parts of a group that is not contiguous in the
     file and lie in an earlier chunk are yielded as clones (``needs_copy``). Anything
-    kept longer than its group must be cloned by the consumer. On CUDA, buffers are
-    pinned and yielded tensors are fresh device tensors, copied on a side stream; the
-    consumer's current stream waits for each copy before the tensor is yielded.
+    kept longer than its group must be cloned by the consumer.
+
+    On CUDA (always ``pread``): yielded tensors are fresh device tensors, owned by the
+    consumer; the files go through ``buffers`` pinned pieces of ``chunk_bytes`` (tensor
+    boundaries do not matter there) and a side stream, and the consumer's current stream
+    waits for each tensor's copies before it is yielded (:mod:`fastvllm.device_reader`).
+    ``threads`` defaults to ``DEFAULT_THREADS`` on CPU and to
+    ``device_reader.DEFAULT_DEVICE_THREADS`` on a device.
 
     ``io="mmap"`` (CPU's default): files are mapped privately and the threads prefault
     the slices (``MADV_POPULATE_READ``); tensors are views of the mapping, valid for as
@@ -492,12 +480,21 @@ def iter_weights(source: WeightPlan | str | os.PathLike | Sequence[str | os.Path
 
     Iterate to the end or ``close()`` the iterator: that stops and joins the threads.
     """
-    if threads < 1 or buffers < 2:
-        raise ValueError("need threads >= 1 and buffers >= 2")
     if io not in ("auto", "mmap", "pread"):
         raise ValueError(f"io must be auto, mmap or pread, not {io!r}")
     engine = engine or copy_engine_for(device)
-    if io == "auto":
+    if engine.independent:
+        from . import device_reader
+
+        threads = device_reader.DEFAULT_DEVICE_THREADS if threads is None else threads
+        if io == "mmap":
+            raise ValueError("io='mmap' is CPU only: a device copy needs pinned buffers (io='pread')")
+        io = "pread"
+    else:
+        threads = DEFAULT_THREADS if threads is None else threads
+    if threads < 1 or buffers < 2:
+        raise ValueError("need threads >= 1 and buffers >= 2")
+    if io == "auto":  # a custom in-memory engine (tests) allocates the buffers: pread
         io = "mmap" if isinstance(engine, CpuCopyEngine) else "pread"
     if isinstance(source, WeightPlan):
         plan = source if chunk_bytes in (None, source.chunk_bytes) else source.rechunk(chunk_bytes)
@@ -505,29 +502,31 @@ def iter_weights(source: WeightPlan | str | os.PathLike | Sequence[str | os.Path
         plan = plan_weights(source, chunk_bytes or DEFAULT_CHUNK_BYTES)
     if isinstance(stats, ReadStats):
         stats.threads, stats.chunk_bytes, stats.buffers = threads, plan.chunk_bytes, buffers
+    if engine.independent:
+        return device_reader.stream_to_device(plan, threads, buffers, engine, stats)
     return _stream(plan, threads, buffers, engine, io, stats)
 
 
 class _Slices:
-    """The I/O of one pass: every chunk cut into slices of ``SLICE_BYTES``, handed to
-    ``fill(chunk, lo, hi)`` on the pool a chunk at a time (when the chunk's buffer is
-    free), and waited for in file order."""
+    """The I/O of one pass: every chunk (of ``sizes`` bytes each) cut into slices of
+    ``SLICE_BYTES``, handed to ``fill(chunk, lo, hi)`` on the pool a chunk at a time (when
+    the chunk's buffer is free), and waited for in file order."""
 
-    def __init__(self, plan: WeightPlan, pool: ThreadPoolExecutor, fill, ahead: int):
-        self.plan, self.pool, self.fill = plan, pool, fill
+    def __init__(self, sizes: Sequence[int], pool: ThreadPoolExecutor, fill, ahead: int):
+        self.sizes, self.pool, self.fill = list(sizes), pool, fill
         self.first: list[int] = []  # global index of each chunk's first slice
         count = 0
-        for chunk in plan.chunks:
+        for size in self.sizes:
             self.first.append(count)
-            count += -(-chunk.nbytes // SLICE_BYTES)
+            count += -(-size // SLICE_BYTES)
         self.futures: dict[int, Future] = {}
         self.done = 0  # slices before this one are known to be complete
-        for c in range(min(ahead, len(plan.chunks))):
+        for c in range(min(ahead, len(self.sizes))):
             self.submit(c)
 
     def submit(self, c: int) -> None:
-        for i, lo in enumerate(range(0, self.plan.chunks[c].nbytes, SLICE_BYTES)):
-            hi = min(lo + SLICE_BYTES, self.plan.chunks[c].nbytes)
+        for i, lo in enumerate(range(0, self.sizes[c], SLICE_BYTES)):
+            hi = min(lo + SLICE_BYTES, self.sizes[c])
             self.futures[self.first[c] + i] = self.pool.submit(self.fill, c, lo, hi)
 
     def wait_for(self, c: int, hi: int) -> None:
@@ -646,7 +645,7 @@ def _stream(plan: WeightPlan, threads: int, buffers: int, engine: CopyEngine, io
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastvllm-weights")
     try:
         source = _MappedSource(plan) if io == "mmap" else _BufferSource(plan, engine, k)
-        slices = _Slices(plan, pool, source.fill, k)
+        slices = _Slices([c.nbytes for c in plan.chunks], pool, source.fill, k)
         for c, chunk in enumerate(plan.chunks):
             for e in chunk.entries:
                 t0 = time.perf_counter()

@@ -70,3 +70,32 @@ def _gpus() -> list[str]:
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def cuda_info(device: str = "cuda") -> dict | None:
+    """The CUDA device as torch sees it (name, memory, compute capability, torch's CUDA) plus
+    the driver and PCIe link from nvidia-smi where it runs; None without a usable GPU.
+    A host-to-device figure depends on the link as much as on the GPU, so both are named."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        dev = torch.device(device)
+        props = torch.cuda.get_device_properties(dev)
+    except Exception:  # a broken driver is "no usable GPU" here; the caller says so
+        return None
+    info = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+            "compute_capability": f"{props.major}.{props.minor}", "multiprocessors": props.multi_processor_count,
+            "torch_cuda": torch.version.cuda, "device_count": torch.cuda.device_count()}
+    if shutil.which("nvidia-smi"):
+        fields = "driver_version,pcie.link.gen.current,pcie.link.gen.max,pcie.link.width.current"
+        try:
+            out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader", "-i",
+                                  str(dev.index or 0)], capture_output=True, text=True, timeout=20).stdout
+            values = [v.strip() for v in out.strip().split(",")]
+            if len(values) == 4:
+                info.update(driver=values[0], pcie_gen=values[1], pcie_gen_max=values[2], pcie_width=values[3])
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return info

@@ -167,7 +167,7 @@ def test_llama_3_2_3b_shapes_and_param_count():
         assert table[p + "input_layernorm.weight"] == table[p + "post_attention_layernorm.weight"] == (3072,)
     params = model_maker.param_count(cfg)
     assert abs(params - 3.21e9) / 3.21e9 < 0.01, params
-    shards = model_maker._shard_plan(model_maker.tensor_table(cfg), model_maker.LIKE_SHARD_BYTES)
+    shards = model_maker.shard_plan(model_maker.tensor_table(cfg), model_maker.LIKE_SHARD_BYTES)
     assert 2 <= len(shards) <= 5  # a few GB each: bounded memory while writing
     assert sum(len(s) for s in shards) == len(table)
 

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from fastvllm import weights
 from fastvllm.errors import FastvllmError
-from fastvllm.weights import (CudaCopyEngine, ReadStats, check_against_model, dump_weights, group_of,
-                              iter_weights, plan_weights, reference_weights, verify_weights)
+from fastvllm.weights import (ReadStats, check_against_model, dump_weights, group_of, iter_weights, plan_weights,
+                              reference_weights, verify_weights)
 
 
 def llama_like(layers: int = 3, hidden: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -462,6 +462,8 @@ def test_rotation_waits_for_events_and_consumer(shard, monkeypatch, small_slices
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: exercises the pinned-buffer H2D path")
 def test_cuda_copy_engine_matches_load_file(shard):
+    from fastvllm.device_reader import CudaCopyEngine
+
     stats = ReadStats()
     got = [(n, t) for n, t in iter_weights(shard, device="cuda", chunk_bytes=2500, buffers=2, stats=stats)]
     assert all(t.device.type == "cuda" for _, t in got)
