@@ -14,6 +14,8 @@
 # GPU_CHECK_KEEP (1: keep the checkpoint in /var/tmp for a rerun, the default), GPU_CHECK_ARGS
 # (more benchmark options), GPU_CHECK_BUDGET_S (benchmark budget, default 330).
 # Exit status: 0 when the tests passed or skipped and every checked tensor was bit-identical.
+# Hard limits: tests 150 s, benchmark 400 s (its --budget-s trims the sweep and cold runs
+# first, and it saves its JSON after every section), so a device command's 10 minutes hold.
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 2
@@ -54,13 +56,13 @@ cat "$OUT/env.txt" | tee -a "$LOG"
 # 1. The CUDA tests (and the reader's CPU-side rotation tests, where pytest is there to run them).
 if "$PY" -c "import pytest" >/dev/null 2>&1; then
     log "tests: pytest"
-    timeout 300 "$PY" -m pytest -p no:cacheprovider -q -rs tests/gpu \
+    timeout 150 "$PY" -m pytest -p no:cacheprovider -q -rs tests/gpu \
         tests/unit/test_weights.py::test_cuda_copy_engine_matches_load_file tests/unit/test_device_reader.py \
         2>&1 | tee "$OUT/gpu-tests.log"
     tests_rc=${PIPESTATUS[0]}
 else
     log "tests: pytest is not installed here; running tests/gpu/test_weights_cuda.py directly"
-    timeout 300 "$PY" tests/gpu/test_weights_cuda.py 2>&1 | tee "$OUT/gpu-tests.log"
+    timeout 150 "$PY" tests/gpu/test_weights_cuda.py 2>&1 | tee "$OUT/gpu-tests.log"
     tests_rc=${PIPESTATUS[0]}
 fi
 log "tests exit status $tests_rc ($(( $(date +%s) - t0 )) s so far)"
@@ -73,7 +75,7 @@ bench_args=(--out "$OUT" --evict files --budget-s "${GPU_CHECK_BUDGET_S:-330}")
 # shellcheck disable=SC2206
 [ -n "${GPU_CHECK_ARGS:-}" ] && bench_args+=($GPU_CHECK_ARGS)
 log "benchmark: $PY -m fastvllm.bench.weights_gpu ${bench_args[*]}"
-timeout 480 "$PY" -m fastvllm.bench.weights_gpu "${bench_args[@]}" 2>&1 | tee "$OUT/bench.log"
+timeout 400 "$PY" -m fastvllm.bench.weights_gpu "${bench_args[@]}" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 log "benchmark exit status $bench_rc; total $(( $(date +%s) - t0 )) s"
 

@@ -412,9 +412,11 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"{NO_GPU} ({result.get('device_note', 'no CUDA device')}); the figures below are the "
                      "CPU analogues: (a) a host memcpy, (b)-(d) into preallocated host tensors")
     ck = result.get("checkpoint", {})
+    load = result.get("loadavg_1min") or {}
     lines.append(f"checkpoint: {ck.get('tensors')} tensors, {ck.get('tensor_bytes', 0) / 1e9:.2f} GB in "
                  f"{len(ck.get('files', []))} files ({LIKE} shapes{', scaled' if result.get('scaled') else ''}); "
-                 f"device {result.get('device')}")
+                 f"device {result.get('device')}; load average {load.get('start')} -> {load.get('end')} "
+                 f"on {(result.get('machine') or {}).get('cores')} cores")
     for cache in ("warm", "cold"):
         rows = result.get("results", {}).get(cache) or {}
         for key, row in rows.items():
@@ -493,6 +495,7 @@ def run(cfg: Config, say: Callable[[str], None] = lambda s: print(s, file=sys.st
                     "quick": cfg.quick, "scaled": cfg.gib is not None, "skipped": [], "notes": [],
                     "consumer": "each tensor copied into its own preallocated tensor on the device (one flat buffer), "
                                 "as a reload copies into parameters; (a) copies into the same buffer"}
+    result["loadavg_1min"] = {"start": round(os.getloadavg()[0], 2)}  # others' load makes figures noisy
     if note:
         result["device_note"] = note
         say(f"{NO_GPU} ({note}); timing the CPU analogues")
@@ -516,6 +519,7 @@ def run(cfg: Config, say: Callable[[str], None] = lambda s: print(s, file=sys.st
         _measure(cfg, result, plan, device, deadline, say, save)
     finally:
         result["seconds_total"] = round(time.perf_counter() - deadline.start, 1)
+        result["loadavg_1min"]["end"] = round(os.getloadavg()[0], 2)
         result["summary"] = summary_lines(result)
         save()
         (path.with_suffix(".txt")).write_text("\n".join(result["summary"]) + "\n")
