@@ -525,6 +525,10 @@ def run(cfg: Config, say: Callable[[str], None] = lambda s: print(s, file=sys.st
         (path.with_suffix(".txt")).write_text("\n".join(result["summary"]) + "\n")
         if not cfg.keep:
             shutil.rmtree(cfg.work / "checkpoint", ignore_errors=True)
+            try:
+                cfg.work.rmdir()  # only if it is now empty: it may be a directory of the user's
+            except OSError:
+                pass
     return result
 
 
