@@ -135,6 +135,17 @@ def _image_mapped_in_heap(pid: int, images: Path) -> bool:
     return False
 
 
+def _heap_huge_kib(pid: int) -> int:
+    """AnonHugePages of the [heap] VMA (its anonymous part)."""
+    in_heap, total = False, 0
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if "-" in line.split(" ", 1)[0]:
+            in_heap = line.rstrip().endswith("[heap]")
+        elif in_heap and line.startswith("AnonHugePages:"):
+            total += int(line.split()[1])
+    return total
+
+
 def _smaps_kib(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -212,15 +223,21 @@ def test_main_heap_after_mmap_restore(criu, small_heap):
     brk shrink) then calloc of the same sizes (which grows brk again and trusts the kernel
     for zeros only there) still returns zeros, and every byte comes back."""
     hog, images = small_heap
+    engines = ["copy", "mmap"]
+    if criu_ops.hugepages_ready(SMALL_MIB << 20, reporting=False)[0]:
+        engines.append("hugepage")  # correctness only: free page reporting does not stop THP
     seen = {}
-    for engine in ("copy", "mmap"):
+    for engine in engines:
         pid, _ = criu_ops.restore_tree(criu, images, criu_ops.RestoreOptions(memory=engine))
         try:
-            seen[engine] = {"heap_mapped": _image_mapped_in_heap(pid, images), **hog.ask(pid)}
+            seen[engine] = {"heap_mapped": _image_mapped_in_heap(pid, images), "heap_huge_kib": _heap_huge_kib(pid),
+                            **hog.ask(pid)}
             assert hog.ask(pid)["sum"] == hog.checksum, f"{engine}: second look differs"
         finally:
             _kill(pid)
     assert seen["mmap"]["heap_mapped"] and not seen["copy"]["heap_mapped"], seen
+    if "hugepage" in seen:  # the hugepage engine advises the heap before the fill
+        assert seen["hugepage"]["heap_huge_kib"] > 0 and seen["copy"]["heap_huge_kib"] == 0, seen
     for engine in seen:
         assert seen[engine]["calloc_nonzero"] == "0", seen
         assert seen[engine]["sum"] == hog.checksum, seen
