@@ -338,6 +338,22 @@ def entrypoint(ctx: typer.Context,
     raise typer.Exit(run(cfg))
 
 
+@app.command()
+def verify(snapshot: Path = typer.Argument(..., help="Snapshot directory."),
+           as_json: bool = typer.Option(False, "--json")):
+    """Recompute every CRIU image's xxh3-128 digest and check every other file's size;
+    exit 1 naming the first bad file."""
+    from .verify import verify_snapshot
+
+    report = verify_snapshot(snapshot)
+    _emit(report.to_json(), as_json,
+          [f"{f.verdict:<9} {f.path}" + (f"  {f.detail}" if f.verdict != "size-ok" and f.detail else "")
+           for f in report.files]
+          + [f"{len(report.files)} files, {report.bytes_read / 2**20:.0f} MiB digested in {report.seconds:.2f} s"])
+    if not report.ok:
+        raise FastvllmError(report.problem(), fix="the snapshot is damaged; copy it again or take a new one")
+
+
 def main() -> None:
     # Typer handles usage errors, --help and exit codes (standalone mode); our own errors
     # become one line on stderr and exit 1, never a traceback.
