@@ -13,7 +13,9 @@ fake records there (issue 12). So before use the directory must be
 A directory we own that is merely readable by others (0755) is tightened to 0700 in place:
 nothing could have been planted, and its files (logs, records) should not be readable.
 The subdirectories need no check of their own: only the owner can create entries inside
-a 0700 directory.
+a 0700 directory. Later uses go by path, so a parent directory someone else could rename
+entries in would reopen a window; the default parent, ``/var/tmp``, is sticky (only an
+entry's owner can rename or remove it), as ``/tmp`` is.
 """
 
 from __future__ import annotations
@@ -57,7 +59,10 @@ def check(path: Path) -> Path:
                                fix=f"check its contents, then chmod 700 {path}, or set FASTVLLM_RUN_DIR "
                                    "to a fresh directory")
         if mode & 0o077:
-            os.fchmod(fd, 0o700)
+            try:
+                os.fchmod(fd, 0o700)
+            except OSError:  # a read-only mount: readable is not plantable, go on
+                pass
     finally:
         os.close(fd)
     return path
