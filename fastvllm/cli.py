@@ -339,6 +339,48 @@ def entrypoint(ctx: typer.Context,
     raise typer.Exit(run(cfg))
 
 
+@app.command()
+def verify(snapshot: Path = typer.Argument(..., help="Snapshot directory."),
+           as_json: bool = typer.Option(False, "--json")):
+    """Recompute every CRIU image's xxh3-128 digest and check every other file's size;
+    exit 1 naming the first bad file."""
+    from .verify import verify_snapshot
+
+    report = verify_snapshot(snapshot)
+    _emit(report.to_json(), as_json,
+          [f"{f.verdict:<9} {f.path}" + (f"  {f.detail}" if f.verdict != "size-ok" and f.detail else "")
+           for f in report.files]
+          + [f"{len(report.files)} files, {report.bytes_read / 2**20:.0f} MiB digested in {report.seconds:.2f} s"])
+    if not report.ok:
+        raise FastvllmError(report.problem(), fix="the snapshot is damaged; copy it again or take a new one")
+
+
+@app.command("gc")
+def gc_cmd(paths: Optional[list[Path]] = typer.Argument(None, help="Directories to search for stale "
+                                                        ".NAME.partial-* snapshot directories (the parents of "
+                                                        "--out targets), or such directories themselves."),
+           dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be removed; remove nothing."),
+           min_age: float = typer.Option(600.0, help="Seconds an unrecorded partial or a /dev/shm object must be "
+                                                     "unchanged before it counts as debris."),
+           as_json: bool = typer.Option(False, "--json")):
+    """Remove debris of interrupted snapshots and restores: stale partial snapshot directories,
+    /dev/shm objects (psm_*, sem.mp-*, link_remap.*) no process has open or mapped, and records
+    of servers that are gone. Never touches anything a live process uses."""
+    from . import gc
+
+    if min_age < 0:
+        raise FastvllmError(f"--min-age {min_age} is negative", fix="pass seconds >= 0")
+    for path in paths or []:
+        if not path.exists():
+            raise FastvllmError(f"{path} does not exist", fix="pass directories that hold .NAME.partial-* directories")
+    report = gc.collect(paths or [], dry_run=dry_run, min_age_s=min_age)
+    verb = "would remove" if dry_run else "removed"
+    _emit(report.to_json(), as_json,
+          [f"{verb} {i.kind} {i.path} ({i.why})" for i in report.removed]
+          + [f"{verb} {len(report.removed)} items ({report.bytes_freed / 2**20:.1f} MiB); "
+             f"kept {len(report.kept)} in use or too recent"])
+
+
 def main() -> None:
     # Typer handles usage errors, --help and exit codes (standalone mode); our own errors
     # become one line on stderr and exit 1, never a traceback.

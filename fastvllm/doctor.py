@@ -152,6 +152,8 @@ def _run_dir() -> Check:
         return Check("run dir", True, str(path))
     except OSError as exc:
         return Check("run dir", False, f"cannot create the run dir: {exc}", "set FASTVLLM_RUN_DIR to a writable path")
+    except FastvllmError as exc:  # not ours, a symlink, or writable by others (run_dir_check)
+        return Check("run dir", False, exc.message, exc.fix or "")
 
 
 def _vllm() -> Check:

@@ -7,6 +7,8 @@ path of every open file, so the path must be the same at dump and at every resto
 import os
 from pathlib import Path
 
+from . import run_dir_check
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -14,7 +16,7 @@ def run_dir() -> Path:
     """Base directory for logs and the server registry (``$FASTVLLM_RUN_DIR``)."""
     base = Path(os.environ.get("FASTVLLM_RUN_DIR", "/var/tmp/fastvllm"))
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return base
+    return run_dir_check.check(base)  # ours, 0700, not a symlink
 
 
 def logs_dir() -> Path:
