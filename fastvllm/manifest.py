@@ -28,7 +28,7 @@ from .errors import FastvllmError, SnapshotInvalid
 
 MANIFEST = "manifest.json"
 FORMAT = "fastvllm-snapshot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: unbound servers driven over a control channel; canary with token ids + logprobs
 CRIU_DIR = "criu"
 EXTERNAL_DIR = "external"
 WEIGHTS_DIR = "weights"
