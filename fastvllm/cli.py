@@ -158,6 +158,19 @@ def restore(snapshot: Path = typer.Argument(..., help="Snapshot directory."),
                             _timings_line(result["timings"])])
 
 
+@app.command()
+def inspect(snapshot: Path = typer.Argument(..., help="Snapshot directory."),
+            as_json: bool = typer.Option(False, "--json")):
+    """Show a snapshot (model, level, sizes, versions, canary) and whether this host can
+    restore it, each check with its verdict; exits 1 when it cannot."""
+    from .inspection import inspect_snapshot, render
+
+    info = inspect_snapshot(snapshot)
+    _emit(info, as_json, render(info))
+    if not info["restorable"]:
+        raise typer.Exit(1)
+
+
 cache_app = typer.Typer(help="Page-cache state of a snapshot's files (CRIU images, external files, weights).")
 app.add_typer(cache_app, name="cache")
 
@@ -335,13 +348,15 @@ def entrypoint(ctx: typer.Context,
                snapshot_on_miss: Optional[bool] = typer.Option(None, "--snapshot-on-miss/--no-snapshot-on-miss",
                                                                help="Create the snapshot when none matches "
                                                                     "(default $FASTVLLM_SNAPSHOT_ON_MISS)."),
-               level: Optional[int] = typer.Option(None, help="Snapshot level (default 0 off loopback, the CLI's default on it).")):
+               level: Optional[int] = typer.Option(None, help="Snapshot level (default $FASTVLLM_LEVEL, else the "
+                                                              "CLI's default)."),
+               api_key: Optional[str] = typer.Option(None, "--api-key", help=API_KEY_HELP, show_default=False)):
     """Container main process: restore the matching snapshot or cold-start, then serve in the
     foreground (VLLM_ARGS after --, or $FASTVLLM_VLLM_ARGS)."""
     from .entrypoint import Config, run
 
     cfg = Config.from_env(model=model, vllm_args=list(ctx.args), port=port, host=host,
-                          snapshot_root=snapshot_dir, snapshot_on_miss=snapshot_on_miss, level=level)
+                          snapshot_root=snapshot_dir, snapshot_on_miss=snapshot_on_miss, level=level, api_key=api_key)
     raise typer.Exit(run(cfg))
 
 

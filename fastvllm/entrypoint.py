@@ -4,17 +4,19 @@ stay in the foreground as the server's parent.
 
 Why it is built this way:
 - A snapshot is found by a key over everything that makes a restored server differ from a
-  cold one: the model (path and files), the vLLM args, host, port, level, ``VLLM_*``
-  settings and the image's versions (Python, torch, vLLM, CRIU, fastvllm's own source).
-  A changed image or model therefore never even looks at an old snapshot.
+  cold one: the model (path and files), the vLLM args, level, ``VLLM_*`` settings (less the
+  API key) and the image's versions (Python, torch, vLLM, CRIU, fastvllm's own source).
+  A changed image or model therefore never even looks at an old snapshot. Host, port and
+  API key are not in the key: a snapshot is dumped before its server listens, and every
+  restore binds ``FASTVLLM_HOST:FASTVLLM_PORT`` with the key it is given.
 - A snapshot that is there but does not validate or restore (corrupt, truncated,
   mismatched) costs one log line and a cold start. It is only ever read, never repaired or
   deleted: it is the user's data.
-- Inside a container the API must listen on 0.0.0.0, and fastvllm never enables vLLM's
-  dev endpoints (``/sleep``, ``/collective_rpc``) on anything but loopback. Levels 1 and 2
-  need them, so a container listening on 0.0.0.0 snapshots at level 0 (the whole process);
-  on loopback (``FASTVLLM_HOST=127.0.0.1`` behind a proxy that exposes only ``/v1``) it
-  takes the CLI's default level.
+- Inside a container the API listens on 0.0.0.0 (``FASTVLLM_HOST``) and snapshots take the
+  CLI's default level: levels 1 and 2 are driven over the server's private control channel
+  (:mod:`fastvllm.inside_vllm.control`), never over HTTP, so nothing ties them to loopback.
+- ``VLLM_API_KEY`` (or ``--api-key`` among the vLLM args) protects the OpenAI routes of
+  cold, snapshotted and restored servers alike; it is never written anywhere.
 - This process is PID 1 (or a child subreaper): the restored tree becomes its child, it
   forwards signals to it, reaps orphans, and exits with the server's status. The server's
   log file (CRIU needs the tree's output in a file, see :mod:`fastvllm.paths`) is copied
@@ -39,6 +41,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import api_key as keys
 from . import manifest, server
 from .errors import FastvllmError, SnapshotInvalid
 from .launcher import forward_signals
@@ -46,7 +49,6 @@ from .paths import logs_dir, run_dir
 from .progress import Progress
 
 PID_FLOOR = 1000
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _HASHED_FILE_MAX = 16 << 20  # model files up to this size are hashed; larger ones (weights) by size
 
 
@@ -60,7 +62,8 @@ class Config:
     host: str = "0.0.0.0"
     snapshot_root: Path = Path("/snapshots")
     snapshot_on_miss: bool = False
-    level: int | None = None  # None: the CLI's default on loopback, 0 otherwise (module doc)
+    level: int | None = None  # None: the CLI's default
+    api_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **given) -> "Config":
@@ -87,15 +90,12 @@ class Config:
         on_miss = values["snapshot_on_miss"]
         if isinstance(on_miss, str):
             on_miss = on_miss.strip().lower() in ("1", "true", "yes", "on")
-        cfg = cls(model=values["model"], vllm_args=list(values["vllm_args"]), port=port,
+        vllm_args, key = keys.resolve(given.get("api_key"), list(values["vllm_args"]), env)
+        cfg = cls(model=values["model"], vllm_args=vllm_args, port=port,
                   host=values["host"] or "0.0.0.0", snapshot_root=Path(values["snapshot_root"] or "/snapshots"),
-                  snapshot_on_miss=bool(on_miss), level=level)
+                  snapshot_on_miss=bool(on_miss), level=level, api_key=key)
         cfg.check()
         return cfg
-
-    @property
-    def loopback(self) -> bool:
-        return self.host in LOOPBACK_HOSTS
 
     @property
     def snapshot_level(self) -> int:
@@ -103,28 +103,21 @@ class Config:
             return self.level
         from .defaults import snapshot_level
 
-        return snapshot_level() if self.loopback else 0
+        return snapshot_level()
 
     def check(self) -> None:
         if not 0 < self.port < 65536:
             raise FastvllmError(f"port {self.port} is out of range", fix="use 1-65535")
         if self.snapshot_level not in (0, 1, 2):
             raise FastvllmError(f"FASTVLLM_LEVEL={self.level} is not supported", fix="use 0, 1 or 2")
-        if self.snapshot_level in (1, 2) and not self.loopback:
-            raise FastvllmError(
-                f"level {self.snapshot_level} needs vLLM's dev endpoints, which fastvllm only enables on loopback, "
-                f"but the server would listen on {self.host}",
-                fix="use FASTVLLM_LEVEL=0 (the default off loopback), or FASTVLLM_HOST=127.0.0.1 "
-                    "behind a proxy that exposes only /v1 and /health")
         for flag in ("--host", "--port", "--model"):
             if flag in self.vllm_args or any(a.startswith(flag + "=") for a in self.vllm_args):
                 raise FastvllmError(f"{flag} belongs to fastvllm, not to the vLLM args",
                                     fix=f"set FASTVLLM_{flag[2:].upper()} (or the entrypoint option) instead")
 
     def server_args(self) -> list[str]:
-        """vLLM args for a snapshot: the user's, plus the bind address when not loopback
-        (take_snapshot's server binds loopback unless told; vLLM takes the last --host)."""
-        return list(self.vllm_args) + ([] if self.loopback else ["--host", self.host])
+        """vLLM args for a snapshot: the user's (the address is given at bind time)."""
+        return list(self.vllm_args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,10 +131,8 @@ def snapshot_identity(cfg: Config, model: str, criu_version: str) -> dict:
         "model": model,
         "model_files": _model_fingerprint(model),
         "vllm_args": cfg.vllm_args,
-        "host": cfg.host,
-        "port": cfg.port,
         "level": cfg.snapshot_level,
-        "vllm_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_")},
+        "vllm_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_") and k != keys.ENV},
         "versions": versions,
         "fastvllm_source": _source_digest(),
     }
@@ -187,8 +178,6 @@ def check_matches(meta: dict, cfg: Config, model: str) -> None:
         problems.append(f"model {meta.get('model')!r}, not {model!r}")
     if meta.get("level", 0) != cfg.snapshot_level:
         problems.append(f"level {meta.get('level', 0)}, not {cfg.snapshot_level}")
-    if srv.get("port") != cfg.port:
-        problems.append(f"port {srv.get('port')}, not {cfg.port}")
     if list(srv.get("extra_args", []))[: len(wanted)] != wanted:
         problems.append(f"vLLM args {srv.get('extra_args')}, not {wanted}")
     if problems:
@@ -233,7 +222,8 @@ def run(cfg: Config) -> int:
 
     _reserve_low_pids()
     try:
-        taken = take_snapshot(model, path, cfg.port, cfg.server_args(), progress, level=cfg.snapshot_level)
+        taken = take_snapshot(model, path, cfg.port, cfg.server_args(), progress, level=cfg.snapshot_level,
+                              host=cfg.host, api_key=cfg.api_key)
     except (FastvllmError, OSError) as exc:
         _say(f"snapshot not created ({exc}); cold-starting")
         return _cold_start(cfg, model, progress, follower)
@@ -254,7 +244,8 @@ def _try_restore(path: Path, cfg: Config, model: str, progress: Progress, follow
         for item in meta["external_files"]:  # the dump-time log is the other container's past
             if item.get("path") == meta.get("log"):
                 follower.skip_to(item["path"], int(item.get("size", 0)))
-        result = restore_snapshot(path, progress, prefetch_mode="overlap", measure_residency=False)
+        result = restore_snapshot(path, progress, prefetch_mode="overlap", measure_residency=False,
+                                  host=cfg.host, port=cfg.port, api_key=cfg.api_key)
     except (FastvllmError, OSError) as exc:
         reason = exc.message if isinstance(exc, FastvllmError) else f"{exc.__class__.__name__}: {exc}"
         _say(f"snapshot {path} not used: {reason}; cold-starting (the snapshot is left as it is)")
@@ -272,7 +263,8 @@ def _cold_start(cfg: Config, model: str, progress: Progress, follower: "LogFollo
     if follower is None:
         follower = LogFollower()
         follower.start()
-    spec = server.ServerSpec(model=model, port=cfg.port, host=cfg.host, extra_args=list(cfg.vllm_args))
+    spec = server.ServerSpec(model=model, port=cfg.port, host=cfg.host, extra_args=list(cfg.vllm_args),
+                             api_key=cfg.api_key)
     log_path = logs_dir() / f"serve-{secrets.token_hex(6)}.log"
     with progress.step(f"cold-starting vLLM for {model} on {cfg.host}:{cfg.port}"):
         started = server.start_and_probe(spec, log_path, "serve", progress.elapsed)
