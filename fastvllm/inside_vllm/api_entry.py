@@ -7,7 +7,7 @@ Usage (by :mod:`fastvllm.server`, under :mod:`fastvllm.launcher`)::
 
 Why not ``vllm serve`` plus its dev endpoints, as before: those endpoints (``/sleep``,
 ``/collective_rpc``) sat on the very socket that serves users, needed
-``VLLM_SERVER_DEV_MODE`` (so containers, which listen on 0.0.0.0, were held to level 0),
+vLLM's server dev mode (so containers, which listen on 0.0.0.0, were held to level 0),
 and the listening socket was inside the CRIU image (so a snapshot was frozen to its port,
 and a restored level-2 server answered ``/health`` before its weights were back). Here:
 

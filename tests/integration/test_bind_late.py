@@ -214,7 +214,7 @@ def test_a_weight_scaled_by_1_001_is_caught_by_the_logprob_canary(cli, tiny_mode
     (model / "config.json").write_text(json.dumps(config))
     snap = tmp_path / "snap"
     cli.json("snapshot", str(model), "--out", str(snap), "--port", str(server.free_port()), "--level", "2",
-             "--", *SERVER_ARGS)
+             "--", *SERVER_ARGS, "--dtype", "float32")  # vLLM's "auto" would downcast a float32 model
     tensors["lm_head.weight"] = tensors["lm_head.weight"] * 1.001
     assert not torch.equal(tensors["lm_head.weight"], load_file(shard)["lm_head.weight"])
     os.unlink(shard)

@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
-from fastvllm import entrypoint
+from fastvllm import defaults, entrypoint
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "deploy" / "kubernetes" / "fastvllm-cpu.yaml"
@@ -153,7 +153,7 @@ def test_environment_ports_and_probes_agree_with_the_entrypoint(objects):
     unknown = {name for name in env if name.startswith("FASTVLLM_")} - read
     assert not unknown, f"the entrypoint does not read {unknown}"
     cfg = entrypoint.Config.from_env(env)  # the example's settings are valid ones
-    assert cfg.snapshot_on_miss and cfg.host == "0.0.0.0" and cfg.snapshot_level == 0
+    assert cfg.snapshot_on_miss and cfg.host == "0.0.0.0" and cfg.snapshot_level == defaults.snapshot_level()
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["http"] == cfg.port
     assert container["startupProbe"]["exec"]["command"] == ["test", "-f", "/var/tmp/fastvllm/serving"]

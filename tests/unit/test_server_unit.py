@@ -30,7 +30,7 @@ def test_wildcard_host_endpoint_is_loopback():
 
 
 def test_environment_defaults(monkeypatch):
-    for key in ("VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE", "VLLM_SERVER_DEV_MODE", "TOKENIZERS_PARALLELISM"):
+    for key in ("VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("FASTVLLM_UNIT_MARKER", "kept")
     env = ServerSpec(model="m").environment()
@@ -116,3 +116,12 @@ def test_address_among_the_vllm_args_is_refused(extra):
     with pytest.raises(FastvllmError, match="among the vLLM args") as info:
         ServerSpec(model="m", extra_args=["--enforce-eager", *extra])
     assert "\n" not in str(info.value)
+
+
+def test_no_fastvllm_source_turns_on_vllms_dev_mode():
+    """Engine control goes over the private control channel only (issue 11)."""
+    from pathlib import Path
+
+    name = "VLLM_SERVER_" + "DEV_MODE"
+    pkg = Path(server.__file__).parent
+    assert not [p for p in pkg.rglob("*.py") if name in p.read_text()]
