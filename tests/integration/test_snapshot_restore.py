@@ -226,3 +226,24 @@ def test_serve_cold_start_contract(cli, tiny_model):
     assert listeners and all(c.laddr.ip == "127.0.0.1" for c in listeners)
     cli("stop", f":{port}")
     assert not [p for p in result["pids"] if psutil.pid_exists(p)]
+
+
+def test_inspect_says_what_a_snapshot_is_and_whether_this_host_can_restore_it(cli, tiny_snapshot):
+    snap, _ = tiny_snapshot
+    before = _fingerprint(snap)
+    info = cli.json("inspect", str(snap))
+    meta = _manifest(snap)
+    assert info["restorable"] is True and info["level"] == 2 and info["model"] == meta["model"]
+    assert info["canary"]["completion"] == meta["canary"]["completion"] and info["canary"]["tokens"] == 16
+    names = {c["name"]: c for c in info["checks"]}
+    for name in ("files", "criu", "versions", "weights", "pids", "control channel"):
+        assert names[name]["ok"], names[name]
+    text = cli("inspect", str(snap)).stdout
+    assert "restorable here: yes" in text and "level      2" in text
+    # While a restore of it runs, its PIDs are taken: not restorable here, and it says why.
+    running = cli.json("restore", str(snap), "--port", str(server.free_port()))
+    proc = cli("inspect", "--json", str(snap), check=False)
+    assert proc.returncode == 1
+    busy = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}["pids"]
+    assert not busy["ok"] and "in use" in busy["detail"] and str(running["pids"][0]) in busy["detail"]
+    assert _fingerprint(snap) == before
