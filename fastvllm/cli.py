@@ -353,7 +353,8 @@ def entrypoint(ctx: typer.Context,
                api_key: Optional[str] = typer.Option(None, "--api-key", help=API_KEY_HELP, show_default=False)):
     """Container main process: restore the matching snapshot or cold-start, then serve in the
     foreground (VLLM_ARGS after --, or $FASTVLLM_VLLM_ARGS)."""
-    from .entrypoint import Config, run
+    from .container.config import Config
+    from .container.main import run
 
     cfg = Config.from_env(model=model, vllm_args=list(ctx.args), port=port, host=host,
                           snapshot_root=snapshot_dir, snapshot_on_miss=snapshot_on_miss, level=level, api_key=api_key)

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from fastvllm import entrypoint, manifest
-from fastvllm.entrypoint import Config, check_matches, snapshot_path
+from fastvllm import manifest
+from fastvllm.container import logs, main, supervisor
+from fastvllm.container.config import Config
+from fastvllm.container.identity import check_matches, snapshot_path
 from fastvllm.errors import FastvllmError, SnapshotInvalid
 
 
@@ -123,8 +125,8 @@ def test_a_corrupt_snapshot_is_reported_in_one_line_and_left_untouched(model_dir
         "server": {"port": 8000, "extra_args": ["--host", "0.0.0.0"]}, "canary": {}, "tree": {"pids": []},
         "files": {"criu/pages-1.img": 4096}, "external_files": []}))
     before = {p: (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes()) for p in snap.rglob("*") if p.is_file()}
-    follower = entrypoint.LogFollower()
-    assert entrypoint._try_restore(snap, cfg, str(model_dir), entrypoint.Progress(quiet=True), follower) is None
+    follower = logs.LogFollower()
+    assert main._try_restore(snap, cfg, str(model_dir), main.Progress(quiet=True), follower) is None
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1, lines
     assert "not used: snapshot file criu/pages-1.img is 100 bytes, manifest says 4096" in lines[0]
@@ -135,7 +137,7 @@ def test_a_corrupt_snapshot_is_reported_in_one_line_and_left_untouched(model_dir
 
 def test_log_follower_continues_a_put_back_log(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("FASTVLLM_RUN_DIR", str(tmp_path / "run"))
-    follower = entrypoint.LogFollower()
+    follower = logs.LogFollower()
     log = follower.dir / "server-1.log"
     follower.skip_to(str(log), 6)  # restore: the first 6 bytes are the dump-time past
     log.write_bytes(b"old 1\n")
@@ -152,13 +154,13 @@ def test_foreground_forwards_signals_and_returns_the_status(tmp_path):
     """The real loop in a subprocess: SIGTERM to it reaches the child, whose status it returns."""
     code = (
         "import os, signal, subprocess, sys\n"
-        "from fastvllm import entrypoint\n"
+        "from fastvllm.container import logs, supervisor\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import signal, sys, time\\n"
         "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\\nprint(\"up\", flush=True)\\ntime.sleep(60)'],"
         " stdout=subprocess.PIPE)\n"
         "child.stdout.readline()\n"
         "print('ready', flush=True)\n"
-        "sys.exit(entrypoint._foreground(child.pid, entrypoint.LogFollower(), 'test'))\n"
+        "sys.exit(supervisor.foreground(child.pid, logs.LogFollower(), 'test'))\n"
     )
     env = dict(os.environ, FASTVLLM_RUN_DIR=str(tmp_path / "run"))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -175,11 +177,11 @@ def test_foreground_forwards_signals_and_returns_the_status(tmp_path):
 def test_reserve_low_pids_moves_the_counter_in_a_fresh_namespace():
     """In a new PID namespace (unshare, as root) the server's PIDs start above the floor."""
     code = ("import os, sys; sys.path.insert(0, %r)\n"
-            "from fastvllm import entrypoint\n"
+            "from fastvllm.container import logs, supervisor\n"
             "assert os.getpid() == 1\n"
-            "entrypoint._reserve_low_pids(300)\n"
+            "supervisor.reserve_low_pids(300)\n"
             "import subprocess; p = subprocess.Popen(['true']); p.wait(); print(p.pid)\n") % str(
-                Path(entrypoint.__file__).resolve().parent.parent)
+                Path(supervisor.__file__).resolve().parents[2])
     try:
         out = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
                              capture_output=True, text=True, timeout=60)
