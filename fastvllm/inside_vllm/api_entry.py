@@ -236,7 +236,7 @@ class Session:
                                   int(args.get("max_tokens") or canary.MAX_TOKENS))
         expect = args.get("expect")
         if expect:
-            why = canary.mismatch(expect, result, args.get("tolerance"))
+            why = canary.mismatch(expect, result, args.get("tolerance") or expect.get("tolerance"))
             if why:
                 raise CanaryMismatch(why)
         return result
