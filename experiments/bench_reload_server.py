@@ -33,29 +33,25 @@ def main() -> None:
     model = bundled_model(args.size)
     files = sorted(str(p) for p in Path(model).glob("*.safetensors"))
     weight_bytes = sum(Path(f).stat().st_size for f in files)
-    extra, env = engine.sleep_server_options()
-    spec = server.ServerSpec(model=str(model.resolve()), port=server.free_port(), extra_args=["--enforce-eager", *extra],
-                             env=env)
+    spec = server.ServerSpec(model=str(model.resolve()), port=server.free_port(),
+                             extra_args=["--enforce-eager", *engine.sleep_server_options()])
     log = logs_dir() / f"bench-reload-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    proc = server.launch(spec, log)
+    ready = server.start_unbound(spec, log, "bench", time.monotonic)  # driven over its control channel
+    proc, channel = ready.proc, ready.channel
+    reference = ready.info["canary"]
     runs = []
     try:
-        server.wait_healthy(spec.endpoint, proc.pid, 900, log)
-        name = server.served_model(spec.endpoint)
-        _, reference = server.complete(spec.endpoint, name, server.CANARY_PROMPT)
         for cache in ("warm", "dropped"):
             for i in range(args.repeats):
                 for loader in ("fast", "vllm"):
-                    engine.release(spec.endpoint)
+                    engine.release(channel)
                     dropped = drop_caches() if cache == "dropped" else False
                     if cache == "dropped" and not dropped:
+                        engine.wake(channel, files, model_dir=spec.model)
                         continue
-                    out = engine.reload(spec.endpoint, files, loader=loader, model_dir=spec.model,
-                                        threads=args.threads)
+                    out = engine.wake(channel, files, loader=loader, model_dir=spec.model, threads=args.threads)
                     worker = out["workers"][0]
-                    _, text = server.complete(spec.endpoint, name, server.CANARY_PROMPT)
-                    if text != reference:
-                        raise RuntimeError(f"{loader} reload changed the model's output")
+                    engine.canary(channel, expect=reference)  # fails if the reload changed the model
                     runs.append({"loader": loader, "cache": cache, "repeat": i, "reload_s": worker["reload_s"],
                                  "stats": worker.get("stats")})
                     print(f"  {cache:<7} {loader:<4} run {i + 1}: {worker['reload_s']:.3f} s "

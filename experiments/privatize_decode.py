@@ -26,7 +26,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fastvllm import engine  # noqa: E402
+from fastvllm import engine, server  # noqa: E402
 from fastvllm.bench.runner import measure_decode  # noqa: E402
 
 PROMPT = "Every old teacher watched the ship"
@@ -70,7 +70,8 @@ def main() -> None:
                    "decode": _decodes(res["endpoint"], worker, 2, args.tokens)}
             if memory == "mmap":
                 t0 = time.monotonic()
-                done = engine.collective_rpc(res["endpoint"], "fastvllm_privatize", request=json.dumps({"wait": True}))
+                control = json.loads((snap / "manifest.json").read_text())["server"]["control_dir"]
+                done = engine.worker_rpc(server.channel(control, res["pids"][0]), "fastvllm_privatize", {"wait": True})
                 row["privatize"] = {"wall_s": round(time.monotonic() - t0, 2), "workers": done}
                 row["decode_after_privatize"] = _decodes(res["endpoint"], worker, 2, args.tokens)
             runs.append(row)

@@ -22,6 +22,9 @@ from .progress import Progress
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Snapshot a ready vLLM server with CRIU and restore it in seconds.")
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+API_KEY_HELP = ("Require this key on the OpenAI routes (default $VLLM_API_KEY; also taken from the vLLM args). "
+                "Never written to the manifest, records or logs.")
+HOST_HELP = "Address to listen on (127.0.0.1; 0.0.0.0 for every interface)."
 
 
 def _emit(result: dict, as_json: bool, lines: list[str]) -> None:
@@ -60,15 +63,20 @@ def make_model_cmd(out: Path = typer.Argument(..., help="Directory to create (mu
 
 @app.command(context_settings=EXTRA)
 def serve(ctx: typer.Context, model: str = typer.Argument(..., help="Model directory or hub id."),
-          port: int = typer.Option(server.DEFAULT_PORT, help="Port on 127.0.0.1."),
+          port: int = typer.Option(server.DEFAULT_PORT, help="Port to listen on."),
+          host: str = typer.Option(server.LOOPBACK, help=HOST_HELP),
+          api_key: Optional[str] = typer.Option(None, "--api-key", help=API_KEY_HELP, show_default=False),
           as_json: bool = typer.Option(False, "--json")):
-    """Cold-start a vLLM OpenAI server (detached), wait for it to answer, print timings."""
+    """Cold-start a vLLM OpenAI server (detached) through fastvllm's API-server entry (the
+    same program a restore runs), wait for it to answer, print timings."""
+    from . import api_key as keys
     from .snapshot import resolve_model
 
     progress = Progress(quiet=as_json)
-    spec = server.ServerSpec(model=resolve_model(model), port=port, extra_args=list(ctx.args))
+    args, key = keys.resolve(api_key, list(ctx.args))
+    spec = server.ServerSpec(model=resolve_model(model), port=port, host=host, extra_args=args, api_key=key)
     log_path = logs_dir() / f"serve-{secrets.token_hex(6)}.log"
-    with progress.step(f"starting vLLM server on port {port}"):
+    with progress.step(f"starting vLLM server on {host}:{port}"):
         started = server.start_and_probe(spec, log_path, "serve", progress.elapsed, server.CANARY_PROMPT)
     proc = started.proc
     timings = {"healthy_s": round(started.healthy_s, 3), "first_token_s": round(started.first_token_s, 3),
@@ -80,7 +88,12 @@ def serve(ctx: typer.Context, model: str = typer.Argument(..., help="Model direc
 @app.command(context_settings=EXTRA)
 def snapshot(ctx: typer.Context, model: str = typer.Argument(..., help="Model directory or hub id."),
              out: Optional[Path] = typer.Option(None, "--out", "-o", help="Snapshot directory to create."),
-             port: int = typer.Option(server.DEFAULT_PORT, help="Port the server (and every restore) listens on."),
+             port: int = typer.Option(server.DEFAULT_PORT, help="Port restores listen on by default (the snapshotted "
+                                                                "server itself never listens)."),
+             host: str = typer.Option(server.LOOPBACK, help="Address restores listen on by default."),
+             api_key: Optional[str] = typer.Option(None, "--api-key", help="Mark the snapshot as protected: every "
+                                                   "restore must be given a key (default $VLLM_API_KEY). "
+                                                   "No key is stored.", show_default=False),
              level: Optional[int] = typer.Option(None, help="1: release the KV cache before the dump (the image keeps "
                                                           "the packed weights; default on CPU); 2: release weights "
                                                           "and KV cache, reload the weights on restore (smallest "
@@ -93,7 +106,7 @@ def snapshot(ctx: typer.Context, model: str = typer.Argument(..., help="Model di
     from .snapshot import take_snapshot
 
     result = take_snapshot(model, out, port, list(ctx.args), Progress(quiet=as_json), level=level,
-                           copy_weights=copy_weights)
+                           copy_weights=copy_weights, host=host, api_key=api_key)
     _emit(result, as_json, [f"snapshot written to {result['snapshot']} "
                             f"({result['image_bytes'] / 2**20:.0f} MiB of CRIU images)",
                             _timings_line(result["timings"])])
@@ -101,6 +114,12 @@ def snapshot(ctx: typer.Context, model: str = typer.Argument(..., help="Model di
 
 @app.command()
 def restore(snapshot: Path = typer.Argument(..., help="Snapshot directory."),
+            host: Optional[str] = typer.Option(None, help="Address to listen on (default: the snapshot's).",
+                                               show_default=False),
+            port: Optional[int] = typer.Option(None, help="Port to listen on (default: the snapshot's).",
+                                               show_default=False),
+            api_key: Optional[str] = typer.Option(None, "--api-key", help=API_KEY_HELP + " Required when the "
+                                                  "snapshot's server had one.", show_default=False),
             loader: str = typer.Option("fast", help="Level 2: 'fast' (fastvllm's parallel reader) or "
                                                     "'vllm' (vLLM's own reload_weights)."),
             threads: Optional[int] = typer.Option(None, help="Level 2 fast loader: reader threads."),
@@ -119,7 +138,9 @@ def restore(snapshot: Path = typer.Argument(..., help="Snapshot directory."),
                                            help="After an mmap restore, copy the mapped weights into private "
                                                 "memory in the background (full decode speed after ~10 s on 6 GB)."),
             as_json: bool = typer.Option(False, "--json")):
-    """Restore a snapshot's server (same port), check its canary, leave it serving."""
+    """Restore a snapshot's server, wake it, check its canary in-process, and only then
+    listen on HOST:PORT (default: the snapshot's) and leave it serving."""
+    from . import api_key as keys
     from .restore import restore_snapshot
 
     if loader not in ("fast", "vllm"):
@@ -127,13 +148,27 @@ def restore(snapshot: Path = typer.Argument(..., help="Snapshot directory."),
     tuning = {"threads": threads, "chunk_bytes": chunk_mb * 2**20 if chunk_mb else None, "buffers": buffers}
     result = restore_snapshot(snapshot, Progress(quiet=as_json), loader=loader, tuning=tuning,
                               prefetch_mode=prefetch, cold=cold, drop_caches=drop_caches,
-                              measure_residency=as_json, memory=memory, privatize=privatize)
+                              measure_residency=as_json, memory=memory, privatize=privatize, host=host, port=port,
+                              api_key=keys.resolve(api_key, [])[1])
     mem = result["memory"]
     _emit(result, as_json, [f"serving again at {result['endpoint']} (pids {result['pids']}, "
                             f"level {result['level']}, {mem['engine']} memory"
                             + (f"; fell back: {mem['fallback']}" if mem["fallback"] and mem["requested"] != "auto" else "")
                             + ")",
                             _timings_line(result["timings"])])
+
+
+@app.command()
+def inspect(snapshot: Path = typer.Argument(..., help="Snapshot directory."),
+            as_json: bool = typer.Option(False, "--json")):
+    """Show a snapshot (model, level, sizes, versions, canary) and whether this host can
+    restore it, each check with its verdict; exits 1 when it cannot."""
+    from .inspection import inspect_snapshot, render
+
+    info = inspect_snapshot(snapshot)
+    _emit(info, as_json, render(info))
+    if not info["restorable"]:
+        raise typer.Exit(1)
 
 
 cache_app = typer.Typer(help="Page-cache state of a snapshot's files (CRIU images, external files, weights).")
@@ -329,13 +364,16 @@ def entrypoint(ctx: typer.Context,
                snapshot_on_miss: Optional[bool] = typer.Option(None, "--snapshot-on-miss/--no-snapshot-on-miss",
                                                                help="Create the snapshot when none matches "
                                                                     "(default $FASTVLLM_SNAPSHOT_ON_MISS)."),
-               level: Optional[int] = typer.Option(None, help="Snapshot level (default 0 off loopback, the CLI's default on it).")):
+               level: Optional[int] = typer.Option(None, help="Snapshot level (default $FASTVLLM_LEVEL, else the "
+                                                              "CLI's default)."),
+               api_key: Optional[str] = typer.Option(None, "--api-key", help=API_KEY_HELP, show_default=False)):
     """Container main process: restore the matching snapshot or cold-start, then serve in the
     foreground (VLLM_ARGS after --, or $FASTVLLM_VLLM_ARGS)."""
-    from .entrypoint import Config, run
+    from .container.config import Config
+    from .container.main import run
 
     cfg = Config.from_env(model=model, vllm_args=list(ctx.args), port=port, host=host,
-                          snapshot_root=snapshot_dir, snapshot_on_miss=snapshot_on_miss, level=level)
+                          snapshot_root=snapshot_dir, snapshot_on_miss=snapshot_on_miss, level=level, api_key=api_key)
     raise typer.Exit(run(cfg))
 
 

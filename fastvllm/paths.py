@@ -36,3 +36,15 @@ def criu_work_dir() -> Path:
     path = run_dir() / "criu-logs"
     path.mkdir(mode=0o700, exist_ok=True)
     return path
+
+
+def new_control_dir() -> Path:
+    """A fresh path for one server's control channel (:mod:`fastvllm.inside_vllm.control`).
+
+    Under the run dir, so that it is private (0700) and its absolute path, which the
+    server keeps polling, can be re-created at every restore of a snapshot of it."""
+    import secrets
+
+    base = run_dir() / "control"
+    base.mkdir(mode=0o700, exist_ok=True)
+    return base / secrets.token_hex(8)

@@ -25,6 +25,7 @@ class ServerRecord:
     how: str  # "serve" | "restore" | "snapshot"
     log: str
     snapshot: str | None = None
+    control: str = ""  # the server's control channel directory (fastvllm.inside_vllm.control)
     started_at: float = field(default_factory=time.time)
     create_time: float = 0.0
 

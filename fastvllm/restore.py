@@ -1,6 +1,9 @@
-"""Restore a snapshot: put back external files, CRIU-restore the tree, check the canary.
+"""Restore a snapshot: put back external files, CRIU-restore the tree, wake it, check the
+canary in the server, and only then make it listen on the address asked for.
 
-Every check that can be made before CRIU runs is made first (manifest, files, CRIU, port,
+The restored tree is unbound (it was dumped so): until the canary has passed nothing
+listens, so no client, load balancer or readiness probe can reach a server whose weights
+are not back. Every check that can be made before CRIU runs is made first (manifest, files, CRIU, port,
 PIDs), so most bad input fails with nothing started. Anything that fails after CRIU has
 begun kills what was restored and removes the /dev/shm objects it put back. The snapshot
 directory itself is only ever read.
@@ -20,15 +23,32 @@ from .progress import Progress
 HEALTH_TIMEOUT_S = float(os.environ.get("FASTVLLM_RESTORE_HEALTH_TIMEOUT", "300"))
 
 
-def preflight(snapshot: Path, criu: criu_ops.Criu | None = None) -> tuple[dict, criu_ops.Criu]:
+def bind_address(meta: dict, host: str | None, port: int | None) -> tuple[str, int]:
+    """Where the restored server listens: what was asked, else the snapshot's default."""
+    srv = meta["server"]
+    host = host or srv.get("host") or server.LOOPBACK
+    port = int(port if port is not None else srv.get("port") or server.DEFAULT_PORT)
+    if not 0 < port < 65536:
+        raise FastvllmError(f"port {port} is out of range", fix="use 1-65535")
+    return host, port
+
+
+def check_api_key(meta: dict, key: str | None) -> None:
+    """A snapshot of a protected server is never restored open: a key must be given again."""
+    if meta["server"].get("api_key_required") and not key:
+        raise FastvllmError("this snapshot's server required an API key, and none was given",
+                            fix="pass --api-key KEY or set VLLM_API_KEY (a new key is fine: none is stored)")
+
+
+def preflight(snapshot: Path, criu: criu_ops.Criu | None = None, host: str | None = None,
+              port: int | None = None) -> tuple[dict, criu_ops.Criu]:
     """Everything restore needs, checked without touching anything; returns (manifest, criu)."""
     meta = manifest.load(snapshot)
     criu = criu or criu_ops.find_criu()
     _check_versions(meta, criu)
     if meta.get("level", 0) == 2:
         _check_weights(meta, snapshot)
-    srv = meta["server"]
-    server.ensure_port_free(srv["host"], srv["port"])
+    server.ensure_port_free(*bind_address(meta, host, port))
     pids = meta["tree"]["pids"]
     busy = criu_ops.wait_pids_free(pids, timeout=5)
     if busy:
@@ -143,11 +163,16 @@ def snapshot_files(snapshot: Path, meta: dict | None = None) -> list[Path]:
 def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_canary: bool = True,
                      loader: str = "fast", tuning: dict | None = None, prefetch_mode: str = "overlap",
                      cold: bool = False, drop_caches: bool = False, measure_residency: bool = True,
-                     memory: str = "auto", privatize: bool = True) -> dict:
-    """Restore ``snapshot`` and return endpoint, PIDs and timings (seconds since start).
+                     memory: str = "auto", privatize: bool = True, host: str | None = None,
+                     port: int | None = None, api_key: str | None = None) -> dict:
+    """Restore ``snapshot``, serving on ``host:port`` (default: the snapshot's), and return
+    endpoint, PIDs and timings (seconds since start).
 
-    For a level-2 snapshot the weights are reloaded after CRIU restore, by fastvllm's fast
-    reader (``loader="fast"``) or by vLLM's own loader from the model dir (``"vllm"``).
+    After CRIU: a level-1 snapshot re-allocates its KV cache, a level-2 one reloads its
+    weights, by fastvllm's fast reader (``loader="fast"``) or by vLLM's own loader from the
+    model dir (``"vllm"``); then the server computes the canary in-process and binds only if
+    it matches (``verify_canary=False``: binds without comparing). ``api_key`` (required if
+    the snapshot's server had one) protects the OpenAI routes of the restored server.
     Page-cache prefetch of the snapshot's files (CRIU images first, then weights in reader
     order) runs beside CRIU restore and the reload (``overlap``), before them (``before``),
     or not at all (``off``); it never fails the restore. ``cold`` evicts the snapshot's
@@ -155,19 +180,25 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
     ``measure_residency`` reports the files' page-cache residency before and after; it costs
     ~50 ms before CRIU starts, so callers that do not show it turn it off. ``memory`` is the
     CRIU memory engine (:func:`choose_memory`); after an ``mmap`` restore ``privatize``
-    copies the mapped weights into private memory in the background (decode speed). A
-    level-1 snapshot needs no weights: its
-    KV cache is re-allocated and it serves.
+    copies the mapped weights into private memory in the background (decode speed).
     """
     from . import prefetch
+    from .inside_vllm.control import prepare_dir
 
     if prefetch_mode not in PREFETCH_MODES:
         raise FastvllmError(f"unknown prefetch mode {prefetch_mode}", fix=f"use one of {', '.join(PREFETCH_MODES)}")
     progress = progress or Progress()
     snapshot = snapshot.absolute()
     with progress.step("checking snapshot, CRIU, port and PIDs"):
-        meta, criu = preflight(snapshot)
+        meta, criu = preflight(snapshot, host=host, port=port)
+        check_api_key(meta, api_key)
         memory_record = choose_memory(memory, criu, meta, snapshot)
+    bind_host, bind_port = bind_address(meta, host, port)
+    spec = server.ServerSpec(model=meta["model"], host=bind_host, port=bind_port, api_key=api_key,
+                             control_dir=meta["server"].get("control_dir", ""))
+    if not spec.control_dir:
+        raise SnapshotInvalid("the snapshot has no control channel (taken by an older fastvllm)",
+                              fix="take a new snapshot")
     files = snapshot_files(snapshot, meta)
     if cold:
         with progress.step(f"evicting {len(files)} snapshot files from the page cache"):
@@ -195,7 +226,7 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
         prefetcher = prefetch.Prefetcher(files, t0=progress_t0)
         prefetcher.start()
     saved = external_files.from_json(meta["external_files"])
-    endpoint = meta["server"]["endpoint"]
+    endpoint = spec.endpoint
     written: list[str] = []
     pids: list[int] = list(meta["tree"]["pids"])
     root_pid = None
@@ -208,6 +239,7 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
         with progress.step(f"restoring {len(pids)} processes with CRIU {criu.version_str} "
                            f"({memory_record['engine']} memory)"):
             criu_start = progress.elapsed()
+            prepare_dir(Path(spec.control_dir))  # the path the restored server polls
             written = external_files.put_back(saved, snapshot / manifest.EXTERNAL_DIR)
             root_pid, criu_log = criu_ops.restore_tree(criu, snapshot / manifest.CRIU_DIR,
                                                        criu_ops.RestoreOptions(memory=memory_record["engine"]))
@@ -215,41 +247,56 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
         restore_s = progress.elapsed()
         timeline["criu_restore"] = {"start": round(criu_start, 3), "end": round(restore_s, 3)}
         pids = server.tree_pids(root_pid) or pids
-        registry.add(registry.ServerRecord(root_pid=root_pid, pids=pids, endpoint=endpoint, model=meta["model"],
-                                           how="restore", log=meta.get("log", ""), snapshot=str(snapshot)))
-        with progress.step("waiting for /health"):
-            server.wait_healthy(endpoint, root_pid, HEALTH_TIMEOUT_S, Path(meta.get("log", "")) or None)
-        healthy_s = progress.elapsed()
+        registry.add(registry.ServerRecord(root_pid=root_pid, pids=pids, endpoint=server.UNBOUND, model=meta["model"],
+                                           how="restore", log=meta.get("log", ""), snapshot=str(snapshot),
+                                           control=spec.control_dir))
+        channel = server.channel(spec.control_dir, root_pid)
         if level in engine.SLEEP_LEVELS:
-            plat = meta["server"].get("platform")
             if level == 1:
                 what = "re-allocating the KV cache (level 1: the weights are in the image)"
-                wake = lambda: engine.wake_kv_cache(endpoint, plat=plat)  # noqa: E731
+                wake = lambda: engine.wake(channel)  # noqa: E731
             else:
                 checksums.result()
                 weight_paths = manifest.weight_files(meta["weights"], snapshot)
                 what = f"reloading {meta['weights']['weight_bytes'] / 2**20:.0f} MiB of weights ({loader})"
-                wake = lambda: engine.reload(endpoint, weight_paths, loader=loader,  # noqa: E731
-                                             model_dir=meta["model"], plat=plat, **(tuning or {}))
+                wake = lambda: engine.wake(channel, weight_paths, loader=loader,  # noqa: E731
+                                           model_dir=meta["model"], **(tuning or {}))
             with progress.step(what):
                 weights_start = progress.elapsed()
                 woken = wake()
             timings["weights_s"] = round(progress.elapsed(), 3)
             timings["reload"] = woken["workers"]
             timeline["weights"] = {"start": round(weights_start, 3), "end": timings["weights_s"]}
-        canary = meta["canary"]
+        canary_record = meta["canary"]
+        expect = canary_record if verify_canary else None
+        with progress.step(f"checking the canary in the server, then binding {bind_host}:{bind_port}"):
+            try:
+                bound = server.bind(channel, spec, expect=expect)
+            except ServerFailed as exc:
+                if "CanaryMismatch" in exc.message:
+                    raise ServerFailed(f"canary mismatch: {exc.message.split('CanaryMismatch: ', 1)[-1]}",
+                                       fix="the restored state is not the snapshot's; take a new snapshot") from None
+                raise
+        canary_s = progress.elapsed()
+        if verify_canary:
+            progress.note(f"canary matches: {canary_record.get('completion')!r}")
+        registry.add(registry.ServerRecord(root_pid=root_pid, pids=pids, endpoint=endpoint, model=meta["model"],
+                                           how="restore", log=meta.get("log", ""), snapshot=str(snapshot),
+                                           control=spec.control_dir))
+        server.wait_healthy(endpoint, root_pid, HEALTH_TIMEOUT_S, Path(meta.get("log", "")) or None)
+        healthy_s = progress.elapsed()
         asked = progress.elapsed()
-        ttft, text = server.complete(endpoint, meta["served_model_name"], canary["prompt"], canary["max_tokens"])
-        first_token_s = asked + ttft  # the first streamed token, not the whole canary
-        if verify_canary and text != canary["completion"]:
-            raise ServerFailed(f"canary mismatch: restored server answered {text!r}, "
-                               f"snapshot recorded {canary['completion']!r}",
+        ttft, text = server.complete(endpoint, meta["served_model_name"], canary_record["prompt"],
+                                     canary_record["max_tokens"], api_key=api_key)
+        first_token_s = asked + ttft  # the first streamed token of a real HTTP request
+        if verify_canary and text != canary_record["completion"]:
+            raise ServerFailed(f"canary mismatch over HTTP: restored server answered {text!r}, "
+                               f"snapshot recorded {canary_record['completion']!r}",
                                fix="the restored state is not the snapshot's; take a new snapshot")
-        progress.note(f"canary matches: {text!r}")
         memory_record["anon_huge_kib"] = {"dumped": meta["tree"].get("anon_huge_kib"),
                                           "restored": server.tree_anon_huge_kib(pids)}
         if memory_record["engine"] == "mmap":
-            memory_record["privatize"] = _start_privatize(endpoint, level, privatize)
+            memory_record["privatize"] = _start_privatize(channel, privatize)
     except BaseException:
         # CRIU kills a tree it failed to restore; one that restored but misbehaves is ours to kill.
         if root_pid is not None:
@@ -262,13 +309,16 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
         st = prefetcher.stats
         timeline["prefetch"] = {"start": st.get("start_s"), "end": st.get("end_s"), "backend": st.get("backend"),
                                 "bytes": st.get("bytes"), "error": st.get("error")}
+    timeline["canary"] = round(canary_s, 3)
     timeline["healthy"] = round(healthy_s, 3)
     timeline["first_token"] = round(first_token_s, 3)
     reload_detail = timings.pop("reload", None)
-    result = {"snapshot": str(snapshot), "endpoint": endpoint, "pids": pids, "level": level,
+    result = {"snapshot": str(snapshot), "endpoint": endpoint, "address": bound.get("address"),
+              "auth": bool(api_key), "bind": bound.get("seconds"), "pids": pids, "level": level,
               "prefetch": prefetch_mode, "memory": memory_record, "timeline": timeline,
-              "timings": {"restore_s": round(restore_s, 3), "healthy_s": round(healthy_s, 3), **timings,
-                          "first_token_s": round(first_token_s, 3), "total_s": round(progress.elapsed(), 3)}}
+              "timings": {"restore_s": round(restore_s, 3), **timings, "canary_s": round(canary_s, 3),
+                          "healthy_s": round(healthy_s, 3), "first_token_s": round(first_token_s, 3),
+                          "total_s": round(progress.elapsed(), 3)}}
     if measure_residency:
         after = _resident(files)
         result["resident_bytes"] = {"before": resident_before and resident_before[0],
@@ -278,21 +328,19 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
     return result
 
 
-def _start_privatize(endpoint: str, level: int, wanted: bool) -> dict:
+def _start_privatize(channel, wanted: bool) -> dict:
     """Start copying the workers' mapped weights into private memory, in the background.
 
     A server restored with ``mmap`` serves at once, but decodes from page-cache pages of
     the image more slowly than from anonymous memory (Llama-3.2-3B shapes here: 1.57
     tok/s mapped, 1.83 after this copy, 1.91 after a copy restore). The copy runs in the
-    worker while it serves (~0.65 GB/s here). Level 0 servers have no worker extension
-    to do it; a failure never fails the restore.
+    worker while it serves (~0.65 GB/s here). Every level has the worker extension now (the
+    API-server entry adds it); a failure never fails the restore.
     """
     if not wanted:
         return {"started": False, "why": "--no-privatize"}
-    if level not in engine.SLEEP_LEVELS:
-        return {"started": False, "why": "level 0 servers have no worker extension"}
     try:
-        workers = engine.privatize(endpoint)["workers"]
+        workers = engine.privatize(channel)["workers"]
     except FastvllmError as exc:
         print(f"fastvllm: privatize: {exc.message}; the server keeps its mapped pages", file=sys.stderr)
         return {"started": False, "why": exc.message}

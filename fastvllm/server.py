@@ -1,8 +1,10 @@
-"""Start, probe and stop a vLLM OpenAI-compatible server process tree.
+"""Start, bind, probe and stop a vLLM OpenAI-compatible server process tree.
 
 The server is started detached (its own session, stdin from /dev/null, output to a log
 file) so that its whole tree can be checkpointed without a terminal attached, and under
-:mod:`fastvllm.launcher` so that it never opens an io_uring CRIU cannot dump.
+:mod:`fastvllm.launcher` so that it never opens an io_uring CRIU cannot dump. Its API
+server runs fastvllm's entry (:mod:`fastvllm.inside_vllm.api_entry`): it listens on no
+port until :func:`bind` tells it where, over the control channel in ``spec.control_dir``.
 """
 
 from __future__ import annotations
@@ -22,48 +24,53 @@ from typing import Callable, NamedTuple
 import httpx
 import psutil
 
+from . import api_key as keys
+from . import canary
 from .errors import FastvllmError, ServerFailed
+from .inside_vllm.control import ClientEnd, prepare_dir
 
 DEFAULT_PORT = 8000
 HEALTH_TIMEOUT_S = float(os.environ.get("FASTVLLM_HEALTH_TIMEOUT", "900"))
 LOOPBACK = "127.0.0.1"
-VLLM_ENTRY = "vllm.entrypoints.launchers.api_server.entry"
+ENTRY = "fastvllm.inside_vllm.api_entry"
+UNBOUND = "unbound"
 
-# The canary: fixed prompt, greedy, fixed length. A restored server must reproduce it exactly.
-CANARY_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
-CANARY_TOKENS = 16
-WARMUP_PROMPT = "Hello, my name is"
+# Kept here for the callers that name them (bench, experiments): the canary is canary.py's.
+CANARY_PROMPT = canary.PROMPT
+CANARY_TOKENS = canary.MAX_TOKENS
+WARMUP_PROMPT = canary.WARMUP_PROMPT
 
 
 @dataclass
 class ServerSpec:
-    """Everything that determines how the server is started (recorded in the manifest)."""
+    """Everything that determines how the server is started and where it serves.
+
+    ``host``/``port`` are where :func:`bind` makes it listen (a snapshot records them as
+    the default for its restores). ``api_key`` is never recorded (see :mod:`fastvllm.api_key`).
+    """
 
     model: str
     port: int = DEFAULT_PORT
     host: str = LOOPBACK
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    api_key: str | None = field(default=None, repr=False)
+    control_dir: str = ""
+
+    def __post_init__(self):
+        for flag in ("--host", "--port", "--uds"):
+            if any(a == flag or a.startswith(flag + "=") for a in self.extra_args):
+                raise FastvllmError(f"{flag} among the vLLM args: the address is fastvllm's to choose "
+                                    "(the server binds only once it can serve)",
+                                    fix=f"use fastvllm's own {flag if flag != '--uds' else '--host/--port'} option")
 
     @property
     def endpoint(self) -> str:
-        return f"http://{LOOPBACK if self.host in ('0.0.0.0', '::') else self.host}:{self.port}"
-
-    @property
-    def bind_host(self) -> str:
-        """The address vLLM will bind: a ``--host`` among the extra args overrides ours (vLLM
-        takes the last one), so the dev-endpoint guard must look there too."""
-        host, args = self.host, self.extra_args
-        for i, arg in enumerate(args):
-            if arg == "--host" and i + 1 < len(args):
-                host = args[i + 1]
-            elif arg.startswith("--host="):
-                host = arg.split("=", 1)[1]
-        return host
+        return endpoint_of(self.host, self.port)
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "fastvllm.launcher", sys.executable, "-m", VLLM_ENTRY,
-                "--model", self.model, "--host", self.host, "--port", str(self.port), *self.extra_args]
+        return [sys.executable, "-m", "fastvllm.launcher", sys.executable, "-m", ENTRY,
+                "--fastvllm-control", self.control_dir, "--model", self.model, *self.extra_args]
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -75,13 +82,17 @@ class ServerSpec:
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         env.setdefault("DO_NOT_TRACK", "1")
         env.update(self.env)
-        bind = self.bind_host
-        if env.get("VLLM_SERVER_DEV_MODE") == "1" and bind not in (LOOPBACK, "localhost", "::1"):
-            raise FastvllmError(
-                f"refusing to expose vLLM dev endpoints (/sleep, /collective_rpc) on {bind}",
-                fix="use --host 127.0.0.1 (the default)",
-            )
+        env.pop(keys.ENV, None)  # the key reaches the server with "bind" only
         return env
+
+
+def endpoint_of(host: str, port: int) -> str:
+    """The URL a client on this host uses for a server bound to ``host:port``."""
+    if host in ("0.0.0.0", "", "::"):
+        host = LOOPBACK
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 def ensure_port_free(host: str, port: int) -> None:
@@ -118,14 +129,34 @@ def free_port() -> int:
 
 
 def launch(spec: ServerSpec, log_path: Path) -> subprocess.Popen:
-    """Start the server detached: its own session, no terminal, output appended to ``log_path``."""
-    ensure_port_free(spec.host, spec.port)
+    """Start the server detached: its own session, no terminal, output appended to
+    ``log_path``, with a fresh private control directory (``spec.control_dir``)."""
+    from .paths import new_control_dir
+
+    if not spec.control_dir:
+        spec.control_dir = str(new_control_dir())
+    prepare_dir(Path(spec.control_dir))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             spec.command(), env=spec.environment(), stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, cwd="/",
         )
+
+
+def channel(control_dir: str | Path, root_pid: int) -> ClientEnd:
+    """The CLI's end of a server's control channel; it notices the tree dying."""
+    return ClientEnd(Path(control_dir), alive=lambda: _alive(root_pid))
+
+
+class Ready(NamedTuple):
+    """A started, warmed, unbound server."""
+
+    proc: subprocess.Popen
+    channel: ClientEnd
+    info: dict  # ready.json: canary, served_model_name, platform, wall-clock stamps
+    healthy_s: float  # engine ready, on the caller's clock
+    first_token_s: float  # the warm-up request's first token, on the caller's clock
 
 
 class Started(NamedTuple):
@@ -136,29 +167,73 @@ class Started(NamedTuple):
     first_token_s: float
 
 
-def start_and_probe(spec: ServerSpec, log_path: Path, how: str, clock: Callable[[], float],
-                    prompt: str = WARMUP_PROMPT) -> Started:
-    """Launch the tree, register it (so ``ps``/``stop`` see it while it loads), wait for
-    /health and stream one completion; times are read off ``clock``. A server that fails on
-    the way is stopped and unregistered."""
+def start_unbound(spec: ServerSpec, log_path: Path, how: str, clock: Callable[[], float]) -> Ready:
+    """Launch the tree, register it (so ``ps``/``stop`` see it while it loads) and wait until
+    its engine is warm and its canary computed, in-process; it listens on no port. A server
+    that fails on the way is stopped and unregistered."""
     from . import registry
 
     proc = launch(spec, log_path)
-    record = registry.add(registry.ServerRecord(root_pid=proc.pid, pids=[proc.pid], endpoint=spec.endpoint,
-                                                model=spec.model, how=how, log=str(log_path)))
+    registry.add(registry.ServerRecord(root_pid=proc.pid, pids=[proc.pid], endpoint=UNBOUND,
+                                       model=spec.model, how=how, log=str(log_path)))
+    ctl = channel(spec.control_dir, proc.pid)
     try:
-        wait_healthy(spec.endpoint, proc.pid, HEALTH_TIMEOUT_S, log_path)
-        healthy_s = clock()
-        name = served_model(spec.endpoint)
-        asked = clock()
-        ttft, _ = complete(spec.endpoint, name, prompt)
+        try:
+            info = ctl.wait_ready(HEALTH_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - ControlError or a dying tree: one line
+            raise ServerFailed(f"the vLLM server did not become ready: {exc}{_log_hint(log_path)}") from None
     except BaseException:
         stop_tree(proc.pid)
         registry.remove(proc.pid)
         raise
-    record.pids = tree_pids(proc.pid) or record.pids  # the whole tree, now that it is up
-    registry.add(record)
-    return Started(proc, record.pids, name, healthy_s, asked + ttft)
+    return Ready(proc, ctl, info, _on_clock(clock, info.get("engine_ready_at")),
+                 _on_clock(clock, (info.get("warmup") or {}).get("first_token_at")))
+
+
+def _on_clock(clock: Callable[[], float], wall: float | None) -> float:
+    """A wall-clock stamp from the server, as seconds on the caller's clock."""
+    now = clock()
+    return now if wall is None else max(0.0, now - max(0.0, time.time() - wall))
+
+
+def bind(ready_channel: ClientEnd, spec: ServerSpec, expect: dict | None = None) -> dict:
+    """Make the server listen on ``spec.host:spec.port`` (after checking ``expect``, the
+    canary, if given); fails with who holds the port if it is taken."""
+    from . import engine
+
+    try:
+        return engine.bind(ready_channel, spec.host, spec.port, api_key=spec.api_key, expect=expect)
+    except ServerFailed as exc:
+        if "Address already in use" in exc.message:
+            raise FastvllmError(f"port {spec.port} is in use{_port_owner(spec.port)}",
+                                fix="stop that process (fastvllm stop if it is ours) or pick another --port") from None
+        raise
+
+
+def start_and_probe(spec: ServerSpec, log_path: Path, how: str, clock: Callable[[], float],
+                    prompt: str = WARMUP_PROMPT) -> Started:
+    """Start the tree, bind it, wait for /health and stream one completion; times are read
+    off ``clock``. A server that fails on the way is stopped and unregistered."""
+    from . import registry
+
+    ensure_port_free(spec.host, spec.port)
+    ready = start_unbound(spec, log_path, how, clock)
+    proc = ready.proc
+    try:
+        bind(ready.channel, spec)
+        wait_healthy(spec.endpoint, proc.pid, HEALTH_TIMEOUT_S, log_path)
+        healthy_s = clock()
+        name = ready.info.get("served_model_name") or served_model(spec.endpoint, spec.api_key)
+        asked = clock()
+        ttft, _ = complete(spec.endpoint, name, prompt, api_key=spec.api_key)
+    except BaseException:
+        stop_tree(proc.pid)
+        registry.remove(proc.pid)
+        raise
+    pids = tree_pids(proc.pid) or [proc.pid]  # the whole tree, now that it is up
+    registry.add(registry.ServerRecord(root_pid=proc.pid, pids=pids, endpoint=spec.endpoint, model=spec.model,
+                                       how=how, log=str(log_path), control=spec.control_dir))
+    return Started(proc, pids, name, healthy_s, asked + ttft)
 
 
 def wait_healthy(endpoint: str, root_pid: int, timeout: float, log_path: Path | None = None) -> None:
@@ -200,15 +275,15 @@ def _log_hint(log_path: Path | None) -> str:
     return f": {last[:200]} (log: {log_path})"
 
 
-def served_model(endpoint: str) -> str:
+def served_model(endpoint: str, api_key: str | None = None) -> str:
     """The model name the server answers to (needed in every completion request)."""
-    resp = httpx.get(f"{endpoint}/v1/models", timeout=30)
+    resp = httpx.get(f"{endpoint}/v1/models", timeout=30, headers=keys.headers(api_key))
     resp.raise_for_status()
     return resp.json()["data"][0]["id"]
 
 
 def complete(endpoint: str, model: str, prompt: str, max_tokens: int = CANARY_TOKENS,
-             timeout: float = 120.0) -> tuple[float, str]:
+             timeout: float = 120.0, api_key: str | None = None) -> tuple[float, str]:
     """Greedy streaming completion; returns (seconds to the first token, full text)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "stream": True, "ignore_eos": True}
@@ -218,7 +293,7 @@ def complete(endpoint: str, model: str, prompt: str, max_tokens: int = CANARY_TO
     # A fresh connection per request, closed afterwards: a dump must not catch one open.
     with httpx.Client(timeout=timeout) as client:
         with client.stream("POST", f"{endpoint}/v1/completions", json=body,
-                           headers={"Connection": "close"}) as resp:
+                           headers={"Connection": "close", **keys.headers(api_key)}) as resp:
             if resp.status_code != 200:
                 resp.read()
                 raise ServerFailed(f"completion request failed: HTTP {resp.status_code}: {resp.text[:200]}")

@@ -1,4 +1,9 @@
-"""Take a snapshot: start the server, warm it, record the canary, dump the whole tree.
+"""Take a snapshot: start the server, warm it, record the canary, rehearse the wake path,
+release, dump the whole tree.
+
+The server never listens on a port here: warm-up, canary, release and the rehearsal run
+in-process, driven over its control channel (:mod:`fastvllm.inside_vllm.api_entry`), and
+the tree is dumped unbound, so every restore binds the address it is asked for.
 
 Nothing partial survives a failure: the server tree is stopped, its /dev/shm objects
 are removed, and the temporary snapshot directory is deleted. A directory the user named
@@ -12,7 +17,8 @@ import secrets
 import time
 from pathlib import Path
 
-from . import criu_ops, defaults, engine, external_files, integrity, manifest, registry, server
+from . import api_key as keys
+from . import canary, criu_ops, defaults, engine, external_files, integrity, manifest, registry, server
 from .errors import FastvllmError
 from .paths import logs_dir
 from .progress import Progress
@@ -66,14 +72,19 @@ def weights_source(model: str) -> Path:
 
 def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAULT_PORT,
                   extra_args: list[str] | None = None, progress: Progress | None = None,
-                  level: int | None = None, copy_weights: bool = False) -> dict:
+                  level: int | None = None, copy_weights: bool = False, host: str = server.LOOPBACK,
+                  api_key: str | None = None) -> dict:
     """Snapshot a freshly started, warmed server of ``model`` into ``out``; returns the result.
 
     Level 2 releases weights and KV cache before the dump, so the image holds neither; the
     weights are referenced (or, with ``copy_weights``, copied) as safetensors for restore.
     Level 1 releases the KV cache only: the weights stay in the image as the engine packed
     them. Level 0 dumps the whole process. ``None`` takes :func:`defaults.snapshot_level`
-    (level 2 with ``copy_weights``).
+    (level 2 with ``copy_weights``). At levels 1 and 2 the wake path is rehearsed first
+    (release, wake, the canary must match, release again), so a reload bug fails here and
+    not in a restore. ``host``/``port`` are where restores listen by default; ``api_key``
+    (or one among the vLLM args, or ``$VLLM_API_KEY``) only marks the snapshot as
+    protected: the server never listens before the dump, and no key is stored.
     """
     if level is None:  # --copy-weights only means something at level 2: it asks for it
         level = 2 if copy_weights else defaults.snapshot_level()
@@ -83,20 +94,20 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
     if copy_weights and level != 2:
         raise FastvllmError("--copy-weights only applies to level 2 (the other levels keep the weights in the image)",
                             fix="drop --copy-weights, or use --level 2")
+    if not 0 < port < 65536:
+        raise FastvllmError(f"port {port} is out of range", fix="use 1-65535")
     progress = progress or Progress()
     model = resolve_model(model)
     out = (out or default_out(model)).absolute()
     manifest.check_target(out)
     criu = criu_ops.find_criu()
-    args, env = list(extra_args or []), {}
+    args, key = keys.resolve(api_key, list(extra_args or []))
     weight_dir = None
     if level == 2:
         weight_dir = weights_source(model)
     if level in engine.SLEEP_LEVELS:
-        more_args, env = engine.sleep_server_options()
-        args += [a for a in more_args if a not in args]
-    spec = server.ServerSpec(model=model, port=port, extra_args=args, env=env)
-    server.ensure_port_free(spec.host, spec.port)
+        args += [a for a in engine.sleep_server_options() if a not in args]
+    spec = server.ServerSpec(model=model, port=port, host=host, extra_args=args, api_key=key)
     tmp = manifest.prepare_target(out)
     log_path = logs_dir() / f"server-{secrets.token_hex(6)}.log"
     proc = None
@@ -104,19 +115,30 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
     shm: set[str] = set()
     remaps_before = external_files.link_remaps_in_shm()  # other trees' files: never ours to remove
     try:
-        with progress.step(f"starting vLLM server for {model} on port {port} and warming it up"):
-            proc, _, name, healthy_s, first_token_s = server.start_and_probe(spec, log_path, "snapshot",
-                                                                             progress.elapsed)
-        _, canary = server.complete(spec.endpoint, name, server.CANARY_PROMPT)
-        progress.note(f"canary completion: {canary!r}")
-        weight_record, released = None, None
+        with progress.step(f"starting vLLM server for {model} (unbound) and warming it up"):
+            ready = server.start_unbound(spec, log_path, "snapshot", progress.elapsed)
+        proc, channel = ready.proc, ready.channel
+        recorded = {k: ready.info["canary"][k] for k in ("token_ids", "logprobs", "text")}
+        progress.note(f"canary completion: {recorded['text']!r}")
+        weight_record, released, rehearsal_s = None, None, None
         if level == 2:
             with progress.step("recording weights" + (" (copying)" if copy_weights else "")):
                 weight_record = _record_weights(weight_dir, tmp, copy_weights)
         if level in engine.SLEEP_LEVELS:
             what = "weights and KV cache" if level == 2 else "the KV cache"
+            with progress.step(f"rehearsing the wake path (release {what}, wake, canary)"):
+                start = time.monotonic()
+                engine.release(channel, level=level)
+                files = manifest.weight_files(weight_record, tmp) if level == 2 else []
+                engine.wake(channel, files, model_dir=model)
+                try:
+                    engine.canary(channel, expect=recorded)
+                except FastvllmError as exc:
+                    raise FastvllmError(f"the wake path does not give the server back: {exc.message}",
+                                        fix="report this with the server log; --level 0 avoids the wake path") from None
+                rehearsal_s = time.monotonic() - start
             with progress.step(f"sleep level {level}: releasing {what}"):
-                released = engine.release(spec.endpoint, level=level)
+                released = engine.release(channel, level=level)
 
         pids = server.tree_pids(proc.pid)
         anon_huge_kib = server.tree_anon_huge_kib(pids)
@@ -134,6 +156,9 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
         with progress.step("sealing the CRIU images (digests, read-only)"):
             sealed = integrity.seal(tmp / manifest.CRIU_DIR)
 
+        timings = {"healthy_s": ready.healthy_s, "first_token_s": ready.first_token_s, "dump_s": dump_s}
+        if rehearsal_s is not None:
+            timings["rehearsal_s"] = rehearsal_s
         with progress.step("writing manifest"):
             written = manifest.commit(tmp, out, {
                 "format": manifest.FORMAT,
@@ -143,25 +168,27 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
                 "weights": weight_record,
                 "released": released,
                 "model": model,
-                "served_model_name": name,
+                "served_model_name": ready.info.get("served_model_name") or model,
                 "server": {"host": spec.host, "port": spec.port, "endpoint": spec.endpoint,
-                           "extra_args": spec.extra_args, "command": spec.command(), "env": spec.env,
-                           "platform": engine.platform(),
-                           "kv_cache_gib": spec.environment()["VLLM_CPU_KVCACHE_SPACE"]},
+                           "extra_args": keys.redact(spec.extra_args), "command": keys.redact(spec.command()),
+                           "env": {k: v for k, v in spec.env.items() if k != keys.ENV},
+                           "platform": ready.info.get("platform") or engine.platform(),
+                           "kv_cache_gib": spec.environment()["VLLM_CPU_KVCACHE_SPACE"],
+                           "control_dir": spec.control_dir, "api_key_required": bool(key)},
                 "versions": manifest.host_versions(criu.version_str),
-                "canary": {"prompt": server.CANARY_PROMPT, "max_tokens": server.CANARY_TOKENS,
-                           "temperature": 0.0, "completion": canary},
+                "canary": {**canary.request(), "completion": recorded["text"],
+                           "token_ids": recorded["token_ids"], "logprobs": recorded["logprobs"]},
                 "tree": {"root_pid": proc.pid, "pids": pids, "anon_huge_kib": anon_huge_kib},
                 "log": str(log_path),
                 "external_files": [item.to_json() for item in saved],
                 "images": sealed,
-                "timings": {"healthy_s": healthy_s, "first_token_s": first_token_s, "dump_s": dump_s},
+                "timings": timings,
             })
         external_files.remove(shm)
         registry.remove(proc.pid)
         return {"snapshot": str(out), "image_bytes": written["image_bytes"], "level": level,
-                "timings": {"healthy_s": round(healthy_s, 3), "first_token_s": round(first_token_s, 3),
-                            "dump_s": round(dump_s, 3), "total_s": round(progress.elapsed(), 3)}}
+                "endpoint": spec.endpoint, "api_key_required": bool(key),
+                "timings": {**{k: round(v, 3) for k, v in timings.items()}, "total_s": round(progress.elapsed(), 3)}}
     except BaseException:
         manifest.discard(tmp)
         if proc is not None:

@@ -24,6 +24,7 @@ PHASES: dict[str, str] = {
     "health": "until /health answers",
     "weights_reload": "weights reload",
     "kv_cache_realloc": "KV cache re-allocation",
+    "canary_bind": "canary in the server, bind, /health",
     "first_token": "first token",
 }
 
@@ -93,27 +94,39 @@ def cold_phases(out: dict, wall: float, log_text: str | None, spawn_epoch: float
 
 
 def restore_phases(out: dict, wall: float) -> dict[str, float]:
-    """Phases of ``fastvllm restore --json``: preflight, CRIU, /health, the step that makes
-    the server whole again (level 2: weights reload; level 1: KV cache re-allocation; both
-    report its end as ``weights_s``), first token. Prefetch runs beside these, so it is not
-    a phase of its own."""
+    """Phases of ``fastvllm restore --json``: preflight, CRIU, the step that makes the server
+    whole again (level 2: weights reload; level 1: KV cache re-allocation; both report its
+    end as ``weights_s``), the canary in the server and the bind (the server listens only
+    after both: ``canary_s``, then ``healthy_s``), first token. Prefetch runs beside these, so
+    it is not a phase of its own. Runs from before late binding (no ``canary_s``: /health
+    answered before the weights were back) keep their old breakdown."""
     t = out["timings"]
     criu_start = out.get("timeline", {}).get("criu_restore", {}).get("start", 0.0)
-    phases = {"cli_startup": wall - t["total_s"], "preflight": criu_start,
-              "criu_restore": t["restore_s"] - criu_start, "health": t["healthy_s"] - t["restore_s"]}
+    phases = {"cli_startup": wall - t["total_s"], "preflight": criu_start, "criu_restore": t["restore_s"] - criu_start}
+    wake_key = "kv_cache_realloc" if out.get("level") == 1 else "weights_reload"
+    if "canary_s" in t:
+        whole = t["restore_s"]
+        if "weights_s" in t:
+            phases[wake_key] = t["weights_s"] - t["restore_s"]
+            whole = t["weights_s"]
+        phases["canary_bind"] = t["healthy_s"] - whole
+        phases["first_token"] = t["first_token_s"] - t["healthy_s"]
+        return _rounded(phases)
+    phases["health"] = t["healthy_s"] - t["restore_s"]
     ready = t["healthy_s"]
     if "weights_s" in t:
-        phases["kv_cache_realloc" if out.get("level") == 1 else "weights_reload"] = t["weights_s"] - t["healthy_s"]
+        phases[wake_key] = t["weights_s"] - t["healthy_s"]
         ready = t["weights_s"]
     phases["first_token"] = t["first_token_s"] - ready
     return _rounded(phases)
 
 
 def ready_from_spawn(out: dict, wall: float) -> float:
-    """Spawn to able to serve: /health for cold starts and level 0; for levels 1 and 2 the
-    KV cache or weights must be back too (the server answers /health a moment before)."""
+    """Spawn to able to serve: /health for cold starts and late-binding restores (which
+    listen only once whole); for older level-1/2 restores the KV cache or weights had to be
+    back too (they answered /health a moment before)."""
     t = out["timings"]
-    return round(wall - t["total_s"] + t.get("weights_s", t["healthy_s"]), 3)
+    return round(wall - t["total_s"] + max(t.get("weights_s", 0.0), t["healthy_s"]), 3)
 
 
 def first_token_from_spawn(out: dict, wall: float) -> float:

@@ -3,8 +3,10 @@ scripts/setup_docker.sh if none runs; the base image is debootstrapped locally, 
 registry is reachable).
 
 Two containers share one snapshot volume: the first finds no snapshot, cold-starts,
-snapshots and restores; the second restores, passes the canary and must reach its first
-token sooner. Then the snapshot is damaged on the volume: a third container says so in one
+snapshots (at the CLI's default level, listening on 0.0.0.0) and restores; the second
+restores, passes the canary and must reach its first token sooner. Two more restore the
+same snapshot at once, each on its own configured port. A level-0 pair on the same volume
+gives the restore time the default level is compared with. Then the snapshot is damaged on the volume: a third container says so in one
 line, cold-starts, and leaves every byte of it as it was. Containers run with exactly the
 flags README's ``docker run`` line documents (``RUN_FLAGS``).
 """
@@ -15,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -32,7 +35,10 @@ LABEL = "fastvllm-test-docker"
 START_TIMEOUT_S = 900
 
 
-def run_flags(snapshots: Path, model: Path, host_port: int, **env: str) -> dict:
+TIMES: dict[str, float] = {}
+
+
+def run_flags(snapshots: Path, model: Path, host_port: int, container_port: int = 8000, **env: str) -> dict:
     """README's docker run line, as Docker SDK arguments.
 
     CAP_CHECKPOINT_RESTORE is not asked for: Docker 20.10 (Debian's) refuses the name, and
@@ -45,11 +51,11 @@ def run_flags(snapshots: Path, model: Path, host_port: int, **env: str) -> dict:
         security_opt=["seccomp=unconfined", "apparmor=unconfined"],
         shm_size="1g",
         init=False,
-        ports={"8000/tcp": ("127.0.0.1", host_port)},
+        ports={f"{container_port}/tcp": ("127.0.0.1", host_port)},
         volumes={str(snapshots): {"bind": "/snapshots", "mode": "rw"},
                  str(model): {"bind": "/models/tiny", "mode": "ro"}},
         environment={"FASTVLLM_MODEL": "/models/tiny", "FASTVLLM_VLLM_ARGS": "--enforce-eager",
-                     "VLLM_CPU_KVCACHE_SPACE": "1", **env},
+                     "VLLM_CPU_KVCACHE_SPACE": "1", "FASTVLLM_PORT": str(container_port), **env},
         labels={LABEL: "1"},
     )
 
@@ -105,7 +111,7 @@ class Run:
     """One container from start to stop, with its log and the times its lines appeared."""
 
     def __init__(self, client, flags: dict, name: str):
-        self.port = flags["ports"]["8000/tcp"][1]
+        self.port = next(iter(flags["ports"].values()))[1]
         self.container = client.containers.create(IMAGE, name=f"fastvllm-test-{name}-{os.getpid()}", detach=True,
                                                   **flags)
         self.started = time.monotonic()
@@ -181,6 +187,7 @@ def test_second_container_restores_faster(client, first_boot):
     finally:
         run.container.remove(force=True)
     restore_s = float(restored.group(1))
+    TIMES["default_level_restore_s"] = restore_s
     print(f"\n[docker] first token, since the entrypoint started: cold start (container 1) "
           f"{first_boot['cold_first_token_s']:.2f} s, restore (container 2) {restore_s:.2f} s "
           f"({first_boot['cold_first_token_s'] / restore_s:.1f}x)")
@@ -189,6 +196,45 @@ def test_second_container_restores_faster(client, first_boot):
     assert restore_s < first_boot["cold_first_token_s"]
     assert serving_s < first_boot["serving_s"]
     assert status in (0, 143), f"container 2 exited with {status} on docker stop"
+
+
+def test_two_containers_restore_one_snapshot_at_once_on_their_own_ports(client, first_boot):
+    """The snapshot binds late: each restore listens on its container's FASTVLLM_PORT."""
+    runs = [Run(client, run_flags(first_boot["volume"], first_boot["model"], _host_port(), container_port=port),
+                f"pair-{port}") for port in (8000, 8001)]
+    try:
+        for run in runs:
+            run.wait_for(r"restored: canary matches")
+            run.wait_for(r"serving \(restored from /snapshots/")
+        for run in runs:  # both serving at the same time
+            _check_canary(run, first_boot["meta"])
+            assert "cold-start" not in run.logs()
+        statuses = [run.stop() for run in runs]
+    finally:
+        for run in runs:
+            run.container.remove(force=True)
+    assert all(status in (0, 143) for status in statuses)
+
+
+def test_default_level_restores_faster_than_level_0(client, first_boot):
+    """Containers used to be held to level 0; the default level must beat it (same run)."""
+    flags = dict(FASTVLLM_SNAPSHOT_ON_MISS="1", FASTVLLM_LEVEL="0")
+    times = {}
+    for name in ("level0-first", "level0-second"):
+        run = Run(client, run_flags(first_boot["volume"], first_boot["model"], _host_port(), **flags), name)
+        try:
+            if name == "level0-first":
+                run.wait_for(r"serving \(restored from the snapshot just taken\)")
+            else:
+                restored, _ = run.wait_for(r"restored: canary matches; first token after ([\d.]+) s")
+                times["level0"] = float(restored.group(1))
+            run.stop()
+        finally:
+            run.container.remove(force=True)
+    default = TIMES.get("default_level_restore_s")
+    print(f"\n[docker] restore, first token since the entrypoint started: default level "
+          f"{first_boot['meta']['level']} {default} s, level 0 {times['level0']:.2f} s")
+    assert default is not None and default < times["level0"]
 
 
 def _state(root: Path) -> dict:
@@ -209,6 +255,9 @@ def _state(root: Path) -> dict:
 
 def test_corrupt_snapshot_means_one_line_and_a_cold_start(client, first_boot):
     snapshot = first_boot["snapshot"]
+    for other in first_boot["volume"].iterdir():  # the level-0 snapshot of the test above
+        if other != snapshot:
+            shutil.rmtree(other)
     pages = max((snapshot / "criu").glob("pages-*.img"), key=lambda p: p.stat().st_size)
     with open(pages, "r+b") as fh:  # a truncated copy, as an interrupted rsync leaves it
         fh.truncate(pages.stat().st_size // 2)

@@ -30,6 +30,13 @@ def engines_here():
     return criu_ops.memory_engines(criu_ops.find_criu())
 
 
+def _worker_rpc(snap, result, method, request):
+    """A worker-extension call through the restored server's control channel (the only way
+    in: there are no dev endpoints)."""
+    return engine.worker_rpc(server.channel(_manifest(snap)["server"]["control_dir"], result["pids"][0]),
+                             method, request)
+
+
 def _need(engines_here, name):
     reason = engines_here.get(name)
     if reason is not None:
@@ -133,7 +140,7 @@ def test_mmap_restored_worker_never_reads_image_bytes_as_zeros(cli, engines_here
     _need(engines_here, "mmap")
     snap = tiny_snapshot_l1[0]
     result = cli.json("restore", str(snap), "--memory", "mmap")
-    probe = engine.collective_rpc(result["endpoint"], "fastvllm_zeroing_probe", request=json.dumps({"rounds": 16}))
+    probe = _worker_rpc(snap, result, "fastvllm_zeroing_probe", {"rounds": 16})
     assert probe and probe[0]["image_mapped_rss"] > 0, probe
     assert probe[0]["nonzero_bytes"] == {"calloc": 0, "torch.zeros": 0}, probe
     meta = _manifest(snap)
@@ -184,7 +191,7 @@ def test_mmap_restore_privatizes_the_workers_mapped_pages(cli, engines_here, tin
     snap = tiny_snapshot_l1[0]
     result = cli.json("restore", str(snap), "--memory", "mmap")
     assert result["memory"]["privatize"]["started"] and result["memory"]["privatize"]["bytes"] > 0
-    done = engine.collective_rpc(result["endpoint"], "fastvllm_privatize", request=json.dumps({"wait": True}))
+    done = _worker_rpc(snap, result, "fastvllm_privatize", {"wait": True})
     assert done[0]["errors"] == 0
     worker = max((psutil.Process(p) for p in result["pids"]), key=lambda p: p.memory_info().rss)
     assert _image_clean_bytes(worker.pid) < 0.01 * done[0]["bytes"], "the worker's mapped pages are now private"

@@ -88,3 +88,15 @@ def test_restore_phases_level1_name_the_kv_cache_step():
     assert sum(got.values()) == pytest.approx(phases.first_token_from_spawn(out, 1.8))
     assert phases.ready_from_spawn(out, 1.8) == 1.7
     assert "kv_cache_realloc" in phases.PHASES
+
+
+def test_restore_phases_of_a_late_binding_restore():
+    """The server binds after its weights and canary: /health comes last, nothing negative."""
+    out = {"level": 2, "timeline": {"criu_restore": {"start": 0.08}},
+           "timings": {"restore_s": 1.2, "weights_s": 1.7, "canary_s": 1.9, "healthy_s": 2.0, "first_token_s": 2.1,
+                       "total_s": 2.2}}
+    got = phases.restore_phases(out, wall=2.7)
+    assert got == {"cli_startup": 0.5, "preflight": 0.08, "criu_restore": 1.12, "weights_reload": 0.5,
+                   "canary_bind": 0.3, "first_token": 0.1}
+    assert abs(sum(got.values()) - phases.first_token_from_spawn(out, 2.7)) < 1e-6
+    assert phases.ready_from_spawn(out, 2.7) == 2.5

@@ -120,6 +120,24 @@ def test_snapshot_dir_without_config(run, tmp_path):
     _error_line(run("snapshot", str(model)), "has no config.json")
 
 
+def test_inspect_of_a_non_snapshot_is_one_line(run, tmp_path):
+    _error_line(run("inspect", "--json", str(tmp_path)), "not a fastvllm snapshot")
+    _error_line(run("inspect", str(tmp_path / "nope")), "is not a directory")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--", "--port", "9"], "--port among the vLLM args"),
+    (["--", "--host=0.0.0.0"], "--host among the vLLM args"),
+    (["--port", "70000"], "out of range"),
+])
+def test_snapshot_refuses_an_address_it_cannot_honour(run, fake_model, fake_criu, args, needle):
+    proc = run("snapshot", str(fake_model), "--out", str(fake_model.parent / "s"), *args,
+               env={"FASTVLLM_CRIU": str(fake_criu)})
+    _error_line(proc, needle)
+    servers = run.run_dir / "servers"
+    assert not servers.exists() or not list(servers.iterdir())
+
+
 def test_stop_without_target(run):
     _error_line(run("stop"), "say which server to stop", "--all")
 

@@ -3,7 +3,7 @@
 Every object is validated against a JSON schema of the Kubernetes fields it uses (a subset
 of the API's OpenAPI schema, with unknown fields refused, so a misspelt or misplaced field
 fails), then the fields CRIU and the entrypoint depend on are asserted, and the
-environment is checked against what ``fastvllm.entrypoint`` actually reads.
+environment is checked against what ``fastvllm.container`` actually reads.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import jsonschema
 import pytest
 import yaml
 
-from fastvllm import entrypoint
+from fastvllm import defaults
+from fastvllm.container import config as entry_config
+from fastvllm.container import supervisor
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "deploy" / "kubernetes" / "fastvllm-cpu.yaml"
@@ -149,11 +151,11 @@ def test_environment_ports_and_probes_agree_with_the_entrypoint(objects):
     deployment = _one(objects, "Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
-    read = set(re.findall(r'"(FASTVLLM_[A-Z_]+)"', inspect.getsource(entrypoint.Config.from_env)))
+    read = set(re.findall(r'"(FASTVLLM_[A-Z_]+)"', inspect.getsource(entry_config.Config.from_env)))
     unknown = {name for name in env if name.startswith("FASTVLLM_")} - read
     assert not unknown, f"the entrypoint does not read {unknown}"
-    cfg = entrypoint.Config.from_env(env)  # the example's settings are valid ones
-    assert cfg.snapshot_on_miss and cfg.host == "0.0.0.0" and cfg.snapshot_level == 0
+    cfg = entry_config.Config.from_env(env)  # the example's settings are valid ones
+    assert cfg.snapshot_on_miss and cfg.host == "0.0.0.0" and cfg.snapshot_level == defaults.snapshot_level()
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["http"] == cfg.port
     assert container["startupProbe"]["exec"]["command"] == ["test", "-f", "/var/tmp/fastvllm/serving"]
@@ -171,4 +173,4 @@ def test_probe_path_is_the_entrypoints_ready_file(monkeypatch, tmp_path):
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "FASTVLLM_RUN_DIR=/var/tmp/fastvllm" in dockerfile
     monkeypatch.setenv("FASTVLLM_RUN_DIR", str(tmp_path))
-    assert entrypoint.ready_file() == tmp_path / "serving"
+    assert supervisor.ready_file() == tmp_path / "serving"

@@ -189,7 +189,7 @@ def test_commit_replaces_empty_target_dir(tmp_path):
 
 def test_load_valid_snapshot(snapshot_dir):
     data = manifest.load(snapshot_dir)
-    assert data["format"] == "fastvllm-snapshot" and data["format_version"] == 1
+    assert data["format"] == "fastvllm-snapshot" and data["format_version"] == 2
     assert data["files"] == {"criu/core-4321.img": 123, "criu/pages-1.img": 3000, "external/0000-server.log": 9}
     assert data["image_bytes"] == 3123
     assert data["tree"] == {"root_pid": 4321, "pids": [4321, 4322]}
@@ -239,9 +239,9 @@ def test_load_json_that_is_not_an_object(snapshot_dir):
 
 
 def test_load_wrong_format_version(snapshot_dir):
-    _rewrite(snapshot_dir, format_version=2)
-    _assert_one_line_invalid(snapshot_dir, "snapshot format 2 is not supported", "reads 1")
-    _rewrite(snapshot_dir, format_version="1")
+    _rewrite(snapshot_dir, format_version=1)  # dumped with a listening socket and dev endpoints
+    _assert_one_line_invalid(snapshot_dir, "snapshot format 1 is not supported", "reads 2")
+    _rewrite(snapshot_dir, format_version="2")
     _assert_one_line_invalid(snapshot_dir, "is not supported")
 
 

@@ -13,13 +13,13 @@ from fastvllm.errors import FastvllmError
 from fastvllm.server import ServerSpec, ensure_port_free, free_port
 
 
-def test_command_runs_vllm_under_the_launcher_on_loopback():
-    spec = ServerSpec(model="/models/tiny", port=8123, extra_args=["--max-model-len", "512"])
+def test_command_runs_fastvllms_entry_under_the_launcher_without_an_address():
+    spec = ServerSpec(model="/models/tiny", port=8123, extra_args=["--max-model-len", "512"], control_dir="/run/c1")
     cmd = spec.command()
     assert cmd[:3] == [sys.executable, "-m", "fastvllm.launcher"]
-    assert cmd[3:6] == [sys.executable, "-m", server.VLLM_ENTRY]
-    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
-    assert cmd[cmd.index("--port") + 1] == "8123"
+    assert cmd[3:6] == [sys.executable, "-m", server.ENTRY]
+    assert cmd[cmd.index("--fastvllm-control") + 1] == "/run/c1"
+    assert "--host" not in cmd and "--port" not in cmd, "the address comes with bind, after the canary"
     assert cmd[cmd.index("--model") + 1] == "/models/tiny"
     assert cmd[-2:] == ["--max-model-len", "512"]
     assert spec.endpoint == "http://127.0.0.1:8123"
@@ -30,7 +30,7 @@ def test_wildcard_host_endpoint_is_loopback():
 
 
 def test_environment_defaults(monkeypatch):
-    for key in ("VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE", "VLLM_SERVER_DEV_MODE", "TOKENIZERS_PARALLELISM"):
+    for key in ("VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("FASTVLLM_UNIT_MARKER", "kept")
     env = ServerSpec(model="m").environment()
@@ -51,26 +51,16 @@ def test_environment_user_values_win(monkeypatch):
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::"])
-def test_dev_mode_refused_off_loopback(monkeypatch, host):
-    monkeypatch.delenv("VLLM_SERVER_DEV_MODE", raising=False)
-    with pytest.raises(FastvllmError, match="refusing to expose vLLM dev endpoints") as info:
-        ServerSpec(model="m", host=host, env={"VLLM_SERVER_DEV_MODE": "1"}).environment()
-    assert host in str(info.value) and "127.0.0.1" in str(info.value)
-    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")  # inherited from the caller: same refusal
-    with pytest.raises(FastvllmError, match="refusing"):
-        ServerSpec(model="m", host=host).environment()
+def test_api_key_never_reaches_the_server_environment(monkeypatch):
+    monkeypatch.setenv("VLLM_API_KEY", "sk-secret")
+    spec = ServerSpec(model="m", api_key="sk-secret")
+    assert "VLLM_API_KEY" not in spec.environment()
+    assert "sk-secret" not in " ".join(spec.command()) and "sk-secret" not in repr(spec)
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
-def test_dev_mode_allowed_on_loopback(host):
-    env = ServerSpec(model="m", host=host, env={"VLLM_SERVER_DEV_MODE": "1"}).environment()
-    assert env["VLLM_SERVER_DEV_MODE"] == "1"
-
-
-def test_dev_mode_off_is_fine_anywhere(monkeypatch):
-    monkeypatch.delenv("VLLM_SERVER_DEV_MODE", raising=False)
-    assert "VLLM_SERVER_DEV_MODE" not in ServerSpec(model="m", host="0.0.0.0").environment()
+@pytest.mark.parametrize("host", ["::1", "fe80::1"])
+def test_ipv6_endpoint_is_bracketed(host):
+    assert ServerSpec(model="m", port=9000, host=host).endpoint == f"http://[{host}]:9000"
 
 
 @pytest.fixture
@@ -119,17 +109,19 @@ def test_free_port_is_bindable():
         assert sock.getsockname()[1] == port
 
 
-@pytest.mark.parametrize("extra", [["--host", "0.0.0.0"], ["--host=0.0.0.0"], ["--host", "127.0.0.1", "--host", "::"]])
-def test_dev_endpoints_refused_when_extra_args_rebind_the_server(monkeypatch, extra):
-    """vLLM takes the last --host: passing one after `--` must not slip the guard."""
-    monkeypatch.delenv("VLLM_SERVER_DEV_MODE", raising=False)
-    spec = ServerSpec(model="m", extra_args=["--enforce-eager", *extra], env={"VLLM_SERVER_DEV_MODE": "1"})
-    with pytest.raises(FastvllmError, match="refusing to expose vLLM dev endpoints"):
-        spec.environment()
-    assert ServerSpec(model="m", extra_args=extra).bind_host == spec.bind_host != "127.0.0.1"
+@pytest.mark.parametrize("extra", [["--host", "0.0.0.0"], ["--host=0.0.0.0"], ["--port", "9"], ["--uds", "/x"]])
+def test_address_among_the_vllm_args_is_refused(extra):
+    """The server binds only after its canary passed, at the address fastvllm gives it:
+    an address among the vLLM args would be ignored, so it is refused in one line."""
+    with pytest.raises(FastvllmError, match="among the vLLM args") as info:
+        ServerSpec(model="m", extra_args=["--enforce-eager", *extra])
+    assert "\n" not in str(info.value)
 
 
-def test_extra_args_that_keep_loopback_are_fine(monkeypatch):
-    monkeypatch.delenv("VLLM_SERVER_DEV_MODE", raising=False)
-    spec = ServerSpec(model="m", extra_args=["--host", "0.0.0.0", "--host=127.0.0.1"], env={"VLLM_SERVER_DEV_MODE": "1"})
-    assert spec.environment()["VLLM_SERVER_DEV_MODE"] == "1"
+def test_no_fastvllm_source_turns_on_vllms_dev_mode():
+    """Engine control goes over the private control channel only (issue 11)."""
+    from pathlib import Path
+
+    name = "VLLM_SERVER_" + "DEV_MODE"
+    pkg = Path(server.__file__).parent
+    assert not [p for p in pkg.rglob("*.py") if name in p.read_text()]

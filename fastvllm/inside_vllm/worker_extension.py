@@ -1,5 +1,6 @@
-"""Methods fastvllm adds to every vLLM worker (``--worker-extension-cls``), called through
-``POST /collective_rpc``.
+"""Methods fastvllm adds to every vLLM worker (``--worker-extension-cls``), called by
+fastvllm's API-server entry (:mod:`fastvllm.inside_vllm.api_entry`) in-process through the
+engine client's ``collective_rpc``: no HTTP endpoint reaches them.
 
 Level-2 sleep on CPU: vLLM's sleep mode does not exist on CPU, so ``fastvllm_release``
 does its job: it frees every weight (parameter storages, and the oneDNN/SGL packed copies
@@ -11,7 +12,7 @@ and the weights are streamed from safetensors by :func:`fastvllm.weights.iter_we
 vLLM's own in-place reload (checkpoint format), so vLLM's post-processing (CPU repacking,
 quantization) runs as at start-up.
 
-On GPU the release is vLLM's native ``sleep(level=2)`` (see :mod:`fastvllm.engine`); only
+On GPU the release is vLLM's native ``sleep(level=2)`` (see :mod:`fastvllm.inside_vllm.api_entry`); only
 the reload comes from here, with the CUDA copy engine of :mod:`fastvllm.weights`.
 
 This module is imported inside the worker process; keep imports light and vLLM-version
@@ -113,7 +114,7 @@ class FastvllmWorkerExtension:
             if req.get("loader", "fast") == "vllm":
                 self.model_runner.reload_weights(weights_path=req.get("model_dir"), is_checkpoint_format=True)
             else:
-                from .weights import iter_weights
+                from ..weights import iter_weights
 
                 device = req.get("device") or str(getattr(self, "device", "cpu"))
                 tuning = {k: req[k] for k in ("threads", "chunk_bytes", "buffers") if req.get(k)}

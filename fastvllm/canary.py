@@ -1,0 +1,57 @@
+"""The canary: a fixed greedy request whose answer proves a restored engine is the snapshot's.
+
+A canary result is the generated token ids, the log-probability of each sampled token and
+the text. Two results match when the token ids are identical and every sampled token's
+log-probability differs by at most :data:`LOGPROB_TOLERANCE`. Text alone is too weak: a
+weight that came back slightly wrong (a tensor scaled by 1.001) still gives the same
+greedy tokens on a small model, but moves their log-probabilities.
+
+Why the tolerance is 1e-4 nats, tighter than vLLM's own 1e-3: on CPU the same engine
+computes bit-identical log-probabilities for the same request before a dump, after a
+release and reload, and after a restore (measured here: differences of 0.0). The
+tolerance only leaves room for reduction-order noise of other kernels (GPU), and at 1e-3
+the perturbed-weight test case of this project (one tensor x 1.001 on the tiny model)
+would pass unnoticed.
+
+The request is computed inside the server (:mod:`fastvllm.inside_vllm.api_entry`),
+through the engine client, before the server listens on any port.
+"""
+
+from __future__ import annotations
+
+import math
+
+PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
+MAX_TOKENS = 16
+WARMUP_PROMPT = "Hello, my name is"
+LOGPROB_TOLERANCE = 1e-4
+
+
+def request() -> dict:
+    """The canary request, as recorded in a manifest."""
+    return {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True,
+            "logprobs": 0, "tolerance": LOGPROB_TOLERANCE}
+
+
+def mismatch(expected: dict, got: dict, tolerance: float | None = None) -> str | None:
+    """Why ``got`` is not ``expected`` (one line), or None when they match."""
+    tolerance = LOGPROB_TOLERANCE if tolerance is None else tolerance
+    want_ids, got_ids = list(expected.get("token_ids") or []), list(got.get("token_ids") or [])
+    if not want_ids:
+        return "the recorded canary has no token ids (a snapshot from an older fastvllm?)"
+    if want_ids != got_ids:
+        at = next((i for i, (a, b) in enumerate(zip(want_ids, got_ids)) if a != b), min(len(want_ids), len(got_ids)))
+        return (f"token ids differ from position {at} (answered {got.get('text')!r}, "
+                f"recorded {expected.get('text')!r})")
+    want_lp, got_lp = list(expected.get("logprobs") or []), list(got.get("logprobs") or [])
+    if len(want_lp) != len(want_ids) or len(got_lp) != len(got_ids):
+        return "a canary lacks the log-probabilities of its tokens"
+    worst, at = 0.0, -1
+    for i, (a, b) in enumerate(zip(want_lp, got_lp)):
+        diff = abs(a - b) if math.isfinite(a) and math.isfinite(b) else math.inf
+        if diff > worst:
+            worst, at = diff, i
+    if worst > tolerance:
+        return (f"same tokens and text ({got.get('text')!r}), but the log-probability of token {at} "
+                f"differs by {worst:.3g} (tolerance {tolerance:g})")
+    return None
