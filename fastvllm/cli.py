@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 from . import registry, server
-from .errors import FastvllmError
+from .errors import FastvllmError, Terminated
 from .paths import logs_dir
 from .progress import Progress
 
@@ -419,14 +419,29 @@ def gc_cmd(paths: Optional[list[Path]] = typer.Argument(None, help="Directories 
              f"kept {len(report.kept)} in use or too recent"])
 
 
+def _raise_terminated(signum, _frame):
+    raise Terminated(signum)
+
+
 def main() -> None:
     # Typer handles usage errors, --help and exit codes (standalone mode); our own errors
-    # become one line on stderr and exit 1, never a traceback.
+    # become one line on stderr and exit 1, never a traceback. SIGTERM and SIGHUP unwind
+    # like Ctrl-C, through every command's clean-up (see errors.Terminated).
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_terminated)
     try:
         app()
     except FastvllmError as exc:
         print(f"fastvllm: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except Terminated as exc:
+        import signal as _signal
+
+        print(f"fastvllm: error: stopped by {_signal.Signals(exc.signum).name}; what this command had started "
+              "was cleaned up", file=sys.stderr)
+        sys.exit(128 + exc.signum)
     except KeyboardInterrupt:
         print("fastvllm: interrupted", file=sys.stderr)
         sys.exit(130)

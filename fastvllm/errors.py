@@ -26,3 +26,18 @@ class CriuFailed(FastvllmError):
 
 class ServerFailed(FastvllmError):
     """The vLLM server did not start, answer, or answer correctly."""
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived (an orchestrator stopping us, a closed terminal).
+
+    Raised in the main thread by the CLI's handler, so that the clean-up every command
+    already runs for Ctrl-C and for errors (``except BaseException``: kill a half-restored
+    or released tree, remove the partial snapshot and the /dev/shm objects put back) runs
+    for these signals too, instead of the process dying with its debris left behind. A
+    BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it.
+    """
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"signal {signum}")

@@ -5,9 +5,17 @@ Why each lock exists (issue 12):
 - ``restore_lock(snapshot)``: a restore writes the snapshot's ``/dev/shm`` objects back at
   their original paths and a failed restore removes them again. Two restores of one snapshot
   at once overwrite each other's objects, and the loser's cleanup unlinks the winner's.
-- ``dump_lock()``: CRIU names the hard links it makes for unlinked-but-open files
-  ``/dev/shm/link_remap.N``; two dumps at once can collide on N, and a snapshot could save
-  (and later remove) the other tree's remap files as its own.
+- ``criu_names_lock()`` (``dump_lock()`` is its non-waiting form): CRIU names the hard
+  links it makes for unlinked-but-open files ``/dev/shm/link_remap.N``, and N is the same
+  in every vLLM tree (seen here: ``link_remap.240`` in snapshots of two different models).
+  A restore puts its remap files back at those names before CRIU runs and CRIU unlinks
+  them when it is done; a dump creates them. So two of these at once on one host collide:
+  a dump fails with "Can't link remap ... File exists" on another restore's file, one
+  restore's CRIU unlinks the other's (its CRIU then fails), and a dump could save (and
+  later remove) another tree's remap files as its own. All three were seen here with
+  concurrent runs. Unlike the restore lock, this one is waited for: the window it covers
+  (put back -> CRIU done, or the dump) is seconds, and two different snapshots restoring
+  at once should both succeed, one after the other.
 
 How: ``flock(LOCK_EX | LOCK_NB)`` on a file in ``<run dir>/locks`` (the run dir is checked
 to be ours and private, so nobody else can plant or pre-lock these files). flock locks die
@@ -73,11 +81,19 @@ def restore_lock(snapshot: Path) -> Iterator[dict]:
 
 
 @contextmanager
+def criu_names_lock(wait_s: float = 300.0, what: str = "CRIU dump or restore") -> Iterator[dict]:
+    """Hold this host's lock on CRIU's /dev/shm names, waiting up to ``wait_s`` for it;
+    then :class:`LockBusy` naming the holder."""
+    with _held(dump_lock_path(), what=what, wait_s=wait_s,
+               fix="wait for it to finish: CRIU's /dev/shm/link_remap names collide between "
+                   "dumps and restores on one host") as me:
+        yield me
+
+
+@contextmanager
 def dump_lock() -> Iterator[dict]:
     """Hold this host's dump lock; raise :class:`LockBusy` at once if it is held."""
-    with _held(dump_lock_path(), what="snapshot (CRIU dump)",
-               fix="wait for it to finish: CRIU's /dev/shm/link_remap names collide between "
-                   "dumps on one host") as me:
+    with criu_names_lock(wait_s=0, what="snapshot (CRIU dump)") as me:
         yield me
 
 
@@ -99,16 +115,23 @@ def holder(path: Path) -> dict | None:
 
 
 @contextmanager
-def _held(path: Path, *, what: str, fix: str) -> Iterator[dict]:
+def _held(path: Path, *, what: str, fix: str, wait_s: float = 0.0) -> Iterator[dict]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            raise LockBusy(f"another {what} is running: {_describe(_read_record(fd, wait=True))}",
-                           fix=fix) from None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                if time.monotonic() >= deadline:
+                    waited = f" (waited {wait_s:g} s)" if wait_s else ""
+                    record = _read_record(fd, wait=True)
+                    raise LockBusy(f"another {record.get('what') or what} is running{waited}: {_describe(record)}",
+                                   fix=fix) from None
+                time.sleep(0.05)
         me = {"pid": os.getpid(), "command": _command(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "what": what}
         os.ftruncate(fd, 0)

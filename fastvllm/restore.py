@@ -16,7 +16,8 @@ import sys
 import threading
 from pathlib import Path
 
-from . import criu_ops, defaults, engine, external_files, integrity, manifest, registry, server
+from . import criu_ops, defaults, engine, external_files, host_compat, integrity, locks, manifest, memory_check
+from . import model_identity, registry, server
 from .errors import FastvllmError, ServerFailed, SnapshotInvalid
 from .progress import Progress
 
@@ -46,8 +47,11 @@ def preflight(snapshot: Path, criu: criu_ops.Criu | None = None, host: str | Non
     meta = manifest.load(snapshot)
     criu = criu or criu_ops.find_criu()
     _check_versions(meta, criu)
+    host_compat.refuse_if_incompatible(meta.get("host") or host_compat.facts_from_versions(meta.get("versions", {})))
+    _check_model(meta)
     if meta.get("level", 0) == 2:
         _check_weights(meta, snapshot)
+    _check_memory(meta)
     server.ensure_port_free(*bind_address(meta, host, port))
     pids = meta["tree"]["pids"]
     busy = criu_ops.wait_pids_free(pids, timeout=5)
@@ -59,6 +63,32 @@ def preflight(snapshot: Path, criu: criu_ops.Criu | None = None, host: str | Non
                "(e.g. a new container)")
         raise FastvllmError(f"PID {pid} needed by the snapshot is in use ({who})", fix=fix)
     return meta, criu
+
+
+def _check_model(meta: dict) -> None:
+    """The model directory must hold what the snapshot was taken from, by content, at every
+    level: at levels 0 and 1 the weights come from the image, so a retrained checkpoint of
+    the same shapes would otherwise be shadowed by the old one without a word (the canary
+    would match). Digests are cached by inode, size and times, so this costs a few stats."""
+    recorded = meta.get("model_identity")
+    if not recorded:
+        return  # taken before identities were recorded
+    model_dir = Path(meta["model"])
+    diff = model_identity.changed(recorded, model_dir) if model_dir.is_dir() else [f"{model_dir}: missing"]
+    if diff:
+        more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
+        raise SnapshotInvalid(f"the model changed since the snapshot: {'; '.join(diff[:3])}{more}",
+                              fix="take a new snapshot of this model, or put the original files back")
+
+
+def _check_memory(meta: dict) -> None:
+    """Refuse a restore that cannot fit before CRIU runs: an OOM kill half-way would put a
+    pod into the same restore forever."""
+    level = meta.get("level", 0)
+    weights = meta.get("weights") or {}
+    kv_gib = float(meta.get("server", {}).get("kv_cache_gib") or 0)
+    memory_check.check(memory_check.Need.for_level(level, int(meta.get("image_bytes") or 0),
+                                                   int(weights.get("weight_bytes") or 0), kv_gib))
 
 
 def _check_weights(meta: dict, snapshot: Path) -> None:
@@ -160,7 +190,15 @@ def snapshot_files(snapshot: Path, meta: dict | None = None) -> list[Path]:
     return [Path(f) for f in prefetch.ordered_files(snapshot, weights_in_order)]
 
 
-def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_canary: bool = True,
+def restore_snapshot(snapshot: Path, *args, **kwargs) -> dict:
+    """:func:`restore_one` under the snapshot's restore lock: one restore of a snapshot per
+    host at a time. Two at once would put back the same /dev/shm objects and the loser's
+    clean-up would unlink the winner's; the second gets one line naming the first."""
+    with locks.restore_lock(Path(snapshot).absolute()):
+        return restore_one(snapshot, *args, **kwargs)
+
+
+def restore_one(snapshot: Path, progress: Progress | None = None, verify_canary: bool = True,
                      loader: str = "fast", tuning: dict | None = None, prefetch_mode: str = "overlap",
                      cold: bool = False, drop_caches: bool = False, measure_residency: bool = True,
                      memory: str = "auto", privatize: bool = True, host: str | None = None,
@@ -240,9 +278,12 @@ def restore_snapshot(snapshot: Path, progress: Progress | None = None, verify_ca
                            f"({memory_record['engine']} memory)"):
             criu_start = progress.elapsed()
             prepare_dir(Path(spec.control_dir))  # the path the restored server polls
-            written = external_files.put_back(saved, snapshot / manifest.EXTERNAL_DIR)
-            root_pid, criu_log = criu_ops.restore_tree(criu, snapshot / manifest.CRIU_DIR,
-                                                       criu_ops.RestoreOptions(memory=memory_record["engine"]))
+            # Other trees' dumps and restores use the same /dev/shm/link_remap names: from
+            # putting ours back until CRIU has consumed them, nobody else may (locks.py).
+            with locks.criu_names_lock(what=f"restore of {snapshot} (CRIU)"):
+                written = external_files.put_back(saved, snapshot / manifest.EXTERNAL_DIR)
+                root_pid, criu_log = criu_ops.restore_tree(criu, snapshot / manifest.CRIU_DIR,
+                                                           criu_ops.RestoreOptions(memory=memory_record["engine"]))
         memory_record["stats"] = criu_ops.memory_stats(criu_log)
         restore_s = progress.elapsed()
         timeline["criu_restore"] = {"start": round(criu_start, 3), "end": round(restore_s, 3)}

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from . import api_key as keys
-from . import canary, criu_ops, defaults, engine, external_files, integrity, manifest, registry, server
+from . import canary, criu_ops, defaults, engine, external_files, gc, host_compat, integrity, locks, manifest
+from . import model_identity, registry, server
 from .errors import FastvllmError
 from .paths import logs_dir
 from .progress import Progress
@@ -109,6 +110,7 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
         args += [a for a in engine.sleep_server_options() if a not in args]
     spec = server.ServerSpec(model=model, port=port, host=host, extra_args=args, api_key=key)
     tmp = manifest.prepare_target(out)
+    gc.register_partial(tmp)  # a SIGKILLed snapshot leaves it for `fastvllm gc`
     log_path = logs_dir() / f"server-{secrets.token_hex(6)}.log"
     proc = None
     pids: list[int] = []
@@ -143,8 +145,13 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
         pids = server.tree_pids(proc.pid)
         anon_huge_kib = server.tree_anon_huge_kib(pids)
         shm = external_files.shm_paths_of(pids)
+        model_id = model_identity.identity(Path(model)) if Path(model).is_dir() else None
         t_dump = time.monotonic()
-        with progress.step(f"dumping {len(pids)} processes with CRIU {criu.version_str}"):
+        with progress.step(f"dumping {len(pids)} processes with CRIU {criu.version_str}"), \
+                locks.criu_names_lock(what="snapshot (CRIU dump)"):
+            # One dump per host: CRIU names the link_remap files it makes in /dev/shm
+            # link_remap.N, and the files new since here are taken as this tree's own.
+            remaps_before = external_files.link_remaps_in_shm()
             criu_ops.dump_tree(criu, proc.pid, tmp / manifest.CRIU_DIR)
             proc.wait(timeout=30)  # CRIU killed the tree after dumping it
             still = criu_ops.wait_pids_free(pids, timeout=10)
@@ -176,6 +183,8 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
                            "kv_cache_gib": spec.environment()["VLLM_CPU_KVCACHE_SPACE"],
                            "control_dir": spec.control_dir, "api_key_required": bool(key)},
                 "versions": manifest.host_versions(criu.version_str),
+                "host": host_compat.host_facts(criu.version_str),
+                "model_identity": model_id,
                 "canary": {**canary.request(), "completion": recorded["text"],
                            "token_ids": recorded["token_ids"], "logprobs": recorded["logprobs"]},
                 "tree": {"root_pid": proc.pid, "pids": pids, "anon_huge_kib": anon_huge_kib},
@@ -184,6 +193,7 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
                 "images": sealed,
                 "timings": timings,
             })
+        gc.unregister_partial(tmp)
         external_files.remove(shm)
         registry.remove(proc.pid)
         return {"snapshot": str(out), "image_bytes": written["image_bytes"], "level": level,
@@ -191,6 +201,7 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
                 "timings": {**{k: round(v, 3) for k, v in timings.items()}, "total_s": round(progress.elapsed(), 3)}}
     except BaseException:
         manifest.discard(tmp)
+        gc.unregister_partial(tmp)
         if proc is not None:
             server.stop_tree(proc.pid, pids or None, timeout=20)
             registry.remove(proc.pid)

@@ -64,3 +64,31 @@ def test_lock_dir_is_private_and_fd_not_inherited(tmp_path):
         fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
         lock_fds = [fd for fd in fds if os.path.realpath(f"/proc/self/fd/{fd}") == str(locks.dump_lock_path())]
         assert lock_fds and all(not os.get_inheritable(fd) for fd in lock_fds)
+
+
+def test_criu_names_lock_waits_for_a_short_holder_and_names_a_long_one():
+    """Dumps and restores of different snapshots share CRIU's /dev/shm names: the second
+    waits for the first (seconds), and only past its wait is refused, naming the holder."""
+    import threading
+    import time
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with locks.criu_names_lock(what="restore of A (CRIU)"):
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(5)
+    with pytest.raises(LockBusy) as info:
+        with locks.criu_names_lock(wait_s=0.2, what="restore of B (CRIU)"):
+            pass
+    line = str(info.value)
+    assert "another restore of A (CRIU) is running (waited 0.2 s)" in line and f"pid {os.getpid()}" in line
+    threading.Timer(0.3, release.set).start()
+    start = time.monotonic()
+    with locks.criu_names_lock(wait_s=10):
+        assert time.monotonic() - start >= 0.2  # it waited for the holder, then got it
+    holder.join()
