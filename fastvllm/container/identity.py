@@ -1,7 +1,7 @@
 """Which snapshot on the volume belongs to this container: a key over everything a
 restored server depends on names its directory, and its manifest must agree.
 
-The key covers the model (path, file names and sizes, hashes of its small files), the
+The key covers the model (path, file names, sizes and contents), the
 vLLM args, the level, the ``VLLM_*`` environment (less the API key) and the image's
 versions (Python, torch, vLLM, CRIU, fastvllm's own source): a changed image or model never
 even looks at an old snapshot. Host, port and API key are not in it: a snapshot is dumped
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import api_key as keys
 from .. import manifest
-from ..errors import SnapshotInvalid
+from ..errors import FastvllmError, SnapshotInvalid
 from .config import Config
 
 _HASHED_FILE_MAX = 16 << 20  # model files up to this size are hashed; larger ones (weights) by size
@@ -47,16 +47,28 @@ def snapshot_path(cfg: Config, model: str, criu_version: str) -> Path:
 
 
 def _model_fingerprint(model: str) -> list:
-    """Names and sizes of the model's files, with contents hashed for the small ones
-    (config, tokenizer); weights by size (level 2 restores check their sha256 anyway)."""
+    """The model's files by content: names and sizes, small files (config, tokenizer)
+    hashed whole, weights by :mod:`fastvllm.model_identity` (xxh3-128 of their bytes and
+    safetensors header, cached by inode, size and times, so a boot rehashes nothing that
+    did not change). By size alone, a retrained checkpoint of the same shapes would get the
+    old snapshot, and at level 0 or 1 serve the old weights with a matching canary."""
+    from .. import model_identity
+
     root = Path(model)
     if not root.is_dir():
         return []  # a hub id: its revision is whatever the local cache holds
+    try:
+        weights = model_identity.identity(root)["files"]
+    except FastvllmError:  # no recognised model files: the sizes and small files still key it
+        weights = {}
     out = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        size = path.stat().st_size
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if size <= _HASHED_FILE_MAX else None
-        out.append([str(path.relative_to(root)), size, digest])
+        rel, size = str(path.relative_to(root)), path.stat().st_size
+        if size <= _HASHED_FILE_MAX:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            digest = (weights.get(rel) or {}).get("xxh3_128")
+        out.append([rel, size, digest])
     return out
 
 

@@ -191,3 +191,23 @@ def test_reserve_low_pids_moves_the_counter_in_a_fresh_namespace():
         pytest.skip("no permission to make a PID namespace here")
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip()) > 300
+
+
+def test_snapshot_path_follows_big_weight_contents_not_only_sizes(model_dir, tmp_path, monkeypatch):
+    """A retrained checkpoint of the same shapes (same size, other bytes) must get its own
+    snapshot: weights above the whole-file hash size go by their content identity."""
+    from fastvllm.container import identity
+
+    monkeypatch.setenv("FASTVLLM_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setattr(identity, "_HASHED_FILE_MAX", 16)  # treat model.safetensors as big
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    weights = model_dir / "model.safetensors"
+    save_file({"w": np.zeros(256, np.float32)}, str(weights))
+    cfg = Config(model=str(model_dir), vllm_args=["--enforce-eager"], snapshot_root=tmp_path / "snaps")
+    before = snapshot_path(cfg, str(model_dir), "4.2.1")
+    size = weights.stat().st_size
+    save_file({"w": np.ones(256, np.float32)}, str(weights))  # same shapes, other weights
+    assert weights.stat().st_size == size
+    assert snapshot_path(cfg, str(model_dir), "4.2.1") != before
