@@ -137,6 +137,9 @@ def restore(snapshot: Path = typer.Argument(..., help="Snapshot directory."),
             privatize: bool = typer.Option(True, "--privatize/--no-privatize",
                                            help="After an mmap restore, copy the mapped weights into private "
                                                 "memory in the background (full decode speed after ~10 s on 6 GB)."),
+            trust_images: bool = typer.Option(False, "--trust-images",
+                                              help="Skip proving the CRIU images unchanged before a copy, hugepage "
+                                                   "or lazy restore (for storage you trust; mmap always checks)."),
             as_json: bool = typer.Option(False, "--json")):
     """Restore a snapshot's server, wake it, check its canary in-process, and only then
     listen on HOST:PORT (default: the snapshot's) and leave it serving."""
@@ -149,7 +152,7 @@ def restore(snapshot: Path = typer.Argument(..., help="Snapshot directory."),
     result = restore_snapshot(snapshot, Progress(quiet=as_json), loader=loader, tuning=tuning,
                               prefetch_mode=prefetch, cold=cold, drop_caches=drop_caches,
                               measure_residency=as_json, memory=memory, privatize=privatize, host=host, port=port,
-                              api_key=keys.resolve(api_key, [])[1])
+                              api_key=keys.resolve(api_key, [])[1], trust_images=trust_images)
     mem = result["memory"]
     _emit(result, as_json, [f"serving again at {result['endpoint']} (pids {result['pids']}, "
                             f"level {result['level']}, {mem['engine']} memory"

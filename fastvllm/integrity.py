@@ -15,8 +15,8 @@ be shown unchanged, and they must stay unchanged while it runs.
   the identity differs (the snapshot was copied to another volume or host, or touched)
   the digests are recomputed and compared, which costs a read of the images (~1-3 GB/s).
 
-The copy engines read every byte at restore and could check the same digests; they do
-not today (restore time), which README says.
+Every other engine checks the same way before CRIU runs (a flipped byte would restore
+wrong memory, with only the canary in the way), unless ``restore --trust-images``.
 """
 
 from __future__ import annotations

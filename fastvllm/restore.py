@@ -147,13 +147,18 @@ PREFETCH_MODES = ("overlap", "before", "off")
 MEMORY_CHOICES = ("auto", *defaults.ENGINES)
 
 
-def choose_memory(requested: str, criu: criu_ops.Criu, meta: dict, snapshot: Path) -> dict:
+def choose_memory(requested: str, criu: criu_ops.Criu, meta: dict, snapshot: Path,
+                  trust_images: bool = False) -> dict:
     """Settle the CRIU memory engine before anything runs; returns the ``memory`` record.
 
     ``auto`` takes :func:`defaults.memory_engine`. An engine asked for by name that this
     CRIU or kernel cannot run is an error; ``hugepage`` falls back to ``copy`` when the
     kernel would first have to compact memory (slower than copying). ``mmap`` keeps the
-    page images mapped for the server's life, so they must be proven unchanged first.
+    page images mapped for the server's life, so they must be proven unchanged first; the
+    other engines prove it too (a flipped byte would restore wrong memory, with only the
+    canary in the way) unless ``trust_images``. The proof is nearly free for a snapshot
+    restored where it was taken (an unchanged inode, size, mtime and ctime); a copied
+    snapshot's images are hashed again (xxh3-128, ~1-3 GB/s).
     """
     if requested not in MEMORY_CHOICES:
         raise FastvllmError(f"unknown memory engine {requested!r}", fix=f"use one of {', '.join(MEMORY_CHOICES)}")
@@ -173,8 +178,9 @@ def choose_memory(requested: str, criu: criu_ops.Criu, meta: dict, snapshot: Pat
         if not ready:
             chosen, fallback = "copy", f"hugepage: {why}"
     record = {"requested": requested, "engine": chosen, "fallback": fallback, "images_checked_by": None}
-    if chosen == "mmap":
-        verdict = integrity.check_unchanged(snapshot / manifest.CRIU_DIR, meta.get("images"), why="--memory mmap")
+    if chosen == "mmap" or not trust_images:
+        why = "--memory mmap" if chosen == "mmap" else "a restore (--trust-images skips this check)"
+        verdict = integrity.check_unchanged(snapshot / manifest.CRIU_DIR, meta.get("images"), why=why)
         record["images_checked_by"] = verdict.by
     return record
 
@@ -202,7 +208,7 @@ def restore_one(snapshot: Path, progress: Progress | None = None, verify_canary:
                      loader: str = "fast", tuning: dict | None = None, prefetch_mode: str = "overlap",
                      cold: bool = False, drop_caches: bool = False, measure_residency: bool = True,
                      memory: str = "auto", privatize: bool = True, host: str | None = None,
-                     port: int | None = None, api_key: str | None = None) -> dict:
+                     port: int | None = None, api_key: str | None = None, trust_images: bool = False) -> dict:
     """Restore ``snapshot``, serving on ``host:port`` (default: the snapshot's), and return
     endpoint, PIDs and timings (seconds since start).
 
@@ -230,7 +236,7 @@ def restore_one(snapshot: Path, progress: Progress | None = None, verify_canary:
     with progress.step("checking snapshot, CRIU, port and PIDs"):
         meta, criu = preflight(snapshot, host=host, port=port)
         check_api_key(meta, api_key)
-        memory_record = choose_memory(memory, criu, meta, snapshot)
+        memory_record = choose_memory(memory, criu, meta, snapshot, trust_images)
     bind_host, bind_port = bind_address(meta, host, port)
     spec = server.ServerSpec(model=meta["model"], host=bind_host, port=bind_port, api_key=api_key,
                              control_dir=meta["server"].get("control_dir", ""))

@@ -192,11 +192,34 @@ def test_corrupt_image_fails_in_criu_and_leaves_nothing(cli, tiny_snapshot, tmp_
     victim.unlink()
     victim.write_bytes(bytes(b ^ 0xFF for b in data))  # same size, garbage content
     meta = _manifest(twin)
-    # copy: CRIU itself must meet the garbage (mmap would refuse the changed image first).
+    # Every engine proves the images unchanged first: refused before CRIU runs.
     proc = cli("restore", str(twin), "--memory", "copy", check=False)
+    line = _one_error_line(proc)
+    assert "pstree.img changed after the snapshot was taken" in line, line
+    # Told to trust the storage, CRIU itself must meet the garbage, and leave nothing.
+    proc = cli("restore", str(twin), "--memory", "copy", "--trust-images", check=False)
     line = _one_error_line(proc)
     assert "CRIU restore failed" in line
     assert not [p for p in meta["tree"]["pids"] if psutil.pid_exists(p)]
+
+
+@pytest.mark.parametrize("memory", ["copy", "mmap"])
+def test_a_flipped_byte_in_a_page_image_is_refused_before_restoring(cli, tiny_snapshot_l1, tmp_path, memory):
+    """One bit of process memory changed on disk (bit rot, a bad copy): the copy engine
+    would restore it silently, with only the 16-token canary in the way."""
+    snap, _ = tiny_snapshot_l1
+    twin = _linked_copy(snap, tmp_path / "twin")
+    victim = max((twin / "criu").glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    victim.unlink()  # the original snapshot stays whole
+    victim.write_bytes(bytes(data))
+    meta = _manifest(twin)
+    proc = cli("restore", str(twin), "--memory", memory, "--port", str(server.free_port()), check=False)
+    line = _one_error_line(proc)
+    assert f"{victim.name} changed after the snapshot was taken" in line, line
+    assert not [p for p in meta["tree"]["pids"] if psutil.pid_exists(p)]
+    assert cli.json("ps")["servers"] == []
 
 
 def test_missing_or_old_criu_is_one_line(cli, tiny_snapshot, tmp_path):
