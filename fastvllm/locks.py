@@ -67,7 +67,15 @@ def restore_lock_path(snapshot: Path) -> Path:
 
 
 def dump_lock_path() -> Path:
-    return locks_dir() / "dump.lock"
+    """The CRIU-names lock lives in the /dev/shm it protects, not in the run dir: every
+    fastvllm on the host (whatever its ``FASTVLLM_RUN_DIR``: tests, benchmarks, users) and
+    only those sharing that /dev/shm (a container has its own) must see the same lock.
+    ``FASTVLLM_CRIU_NAMES_LOCK`` moves it (tests)."""
+    import os as _os
+
+    from .external_files import SHM_DIR
+
+    return Path(_os.environ.get("FASTVLLM_CRIU_NAMES_LOCK") or SHM_DIR / ".fastvllm-criu-names.lock")
 
 
 @contextmanager
@@ -118,6 +126,10 @@ def holder(path: Path) -> dict | None:
 def _held(path: Path, *, what: str, fix: str, wait_s: float = 0.0) -> Iterator[dict]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
+        owner = os.fstat(fd).st_uid
+        if owner != os.geteuid():  # /dev/shm is world-writable: a planted file is not ours to trust
+            raise FastvllmError(f"lock file {path} belongs to uid {owner}, not to us",
+                                fix="remove it (it holds nothing) and run again")
         deadline = time.monotonic() + wait_s
         while True:
             try:

@@ -159,6 +159,9 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
                 raise FastvllmError(f"processes {sorted(still)} survived the dump", fix="report this with the CRIU log")
             shm |= external_files.link_remaps_in_shm() - remaps_before
             saved = external_files.save(shm | {str(log_path)}, tmp / manifest.EXTERNAL_DIR)
+            # The tree is gone and its objects are saved: remove them while the lock is held,
+            # so the next dump or restore on this host finds CRIU's names free.
+            external_files.remove(shm)
         dump_s = time.monotonic() - t_dump
         with progress.step("sealing the CRIU images (digests, read-only)"):
             sealed = integrity.seal(tmp / manifest.CRIU_DIR)

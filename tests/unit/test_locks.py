@@ -13,6 +13,7 @@ from fastvllm.locks import LockBusy
 @pytest.fixture(autouse=True)
 def own_run_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTVLLM_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("FASTVLLM_CRIU_NAMES_LOCK", str(tmp_path / "criu-names.lock"))
 
 
 def test_second_restore_of_one_snapshot_is_refused_naming_the_first(tmp_path):
