@@ -49,7 +49,7 @@ from pathlib import Path
 
 import psutil
 
-from . import locks, registry
+from . import locks, registry, server
 from .external_files import SHM_DIR
 from .paths import run_dir, servers_dir
 
@@ -65,7 +65,7 @@ SHM_NAME = re.compile(r"^(psm_[0-9a-zA-Z_]+|sem\.mp-[0-9a-zA-Z_]+|link_remap\.\d
 class Item:
     """One thing gc looked at: removed (or would be, on a dry run), or kept and why."""
 
-    kind: str  # "partial" | "shm" | "server-record" | "partial-record" | "model-hash-record"
+    kind: str  # "partial" | "shm" | "server-record" | "orphan-server" | "partial-record" | "model-hash-record"
     path: str
     why: str
     bytes: int = 0
@@ -242,6 +242,21 @@ def _server_records(report: Report) -> None:
             continue
         if not record.alive():
             _remove(report, Item("server-record", str(path), f"server pid {record.root_pid} is gone"), path)
+        elif record.endpoint == server.UNBOUND and not record.owner_alive():
+            _kill_orphan(report, record, path)
+
+
+def _kill_orphan(report: Report, record: "registry.ServerRecord", path: Path) -> None:
+    """A server that never listened and whose fastvllm process is dead (a SIGKILLed
+    snapshot, serve or restore): loading, released for a dump or half woken, it will never
+    be bound or dumped, and it holds memory, /dev/shm objects and the snapshot's PIDs."""
+    pids = server.tree_pids(record.root_pid) or [record.root_pid]
+    item = Item("orphan-server", str(path), f"unbound server pid {record.root_pid} ({record.how}) whose "
+                f"fastvllm pid {record.owner_pid} is gone: killed {len(pids)} processes")
+    report.removed.append(item)
+    if not report.dry_run:
+        server.kill_tree(pids)
+        path.unlink(missing_ok=True)
 
 
 def _model_hash_records(report: Report) -> None:

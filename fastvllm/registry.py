@@ -28,6 +28,14 @@ class ServerRecord:
     control: str = ""  # the server's control channel directory (fastvllm.inside_vllm.control)
     started_at: float = field(default_factory=time.time)
     create_time: float = 0.0
+    # The fastvllm process driving a server that is not serving yet (unbound: loading,
+    # released for a dump, or restored and waking). If it dies (SIGKILL, OOM), nobody will
+    # ever bind or dump that tree: `fastvllm gc` kills it (see gc.py).
+    owner_pid: int = field(default_factory=os.getpid)
+    owner_create_time: float = field(default_factory=lambda: _create_time(os.getpid()))
+
+    def owner_alive(self) -> bool:
+        return bool(self.owner_pid) and abs(_create_time(self.owner_pid) - self.owner_create_time) < 1.0
 
     def alive(self) -> bool:
         try:
@@ -35,6 +43,13 @@ class ServerRecord:
             return abs(proc.create_time() - self.create_time) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
         except psutil.Error:
             return False
+
+
+def _create_time(pid: int) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return -1.0
 
 
 def add(record: ServerRecord) -> ServerRecord:

@@ -159,3 +159,36 @@ def test_model_hash_records_of_gone_or_changed_files_are_dropped(tmp_path, shm):
     assert sorted(i.why.split(" ")[-1] for i in report.removed if i.kind == "model-hash-record") == \
         ["gone", "hashed"]
     assert len(list(model_identity.cache_dir().glob("*.json"))) == 1
+
+
+def test_an_unbound_server_whose_fastvllm_died_is_killed_and_a_driven_one_is_not(shm):
+    """A SIGKILLed snapshot/restore leaves its server unbound for ever (loading, released,
+    half woken): gc kills that tree. One whose fastvllm still runs is left alone, and so is
+    a bound server whatever became of the command that started it."""
+    orphan = subprocess.Popen(["sleep", "60"])
+    driven = subprocess.Popen(["sleep", "60"])
+    bound = subprocess.Popen(["sleep", "60"])
+    dead_owner, dead_created = _dead_pid()
+    try:
+        registry.add(registry.ServerRecord(root_pid=orphan.pid, pids=[orphan.pid], endpoint="unbound", model="m",
+                                           how="restore", log="/dev/null", owner_pid=dead_owner,
+                                           owner_create_time=dead_created))
+        registry.add(registry.ServerRecord(root_pid=driven.pid, pids=[driven.pid], endpoint="unbound", model="m",
+                                           how="snapshot", log="/dev/null"))  # owned by this (live) process
+        registry.add(registry.ServerRecord(root_pid=bound.pid, pids=[bound.pid], endpoint="http://127.0.0.1:3",
+                                           model="m", how="serve", log="/dev/null", owner_pid=dead_owner,
+                                           owner_create_time=dead_created))
+        assert [i.kind for i in gc.collect(dry_run=True, shm_dir=shm).removed] == ["orphan-server"]
+        assert orphan.poll() is None, "a dry run kills nothing"
+        report = gc.collect(shm_dir=shm)
+        assert [i.kind for i in report.removed] == ["orphan-server"] and str(orphan.pid) in report.removed[0].why
+        orphan.wait(timeout=10)  # gc reaped it already (it is our child here)
+        import psutil
+
+        assert not psutil.pid_exists(orphan.pid)
+        assert driven.poll() is None and bound.poll() is None
+        assert sorted(int(p.stem) for p in registry.servers_dir().glob("*.json")) == sorted([driven.pid, bound.pid])
+    finally:
+        for proc in (orphan, driven, bound):
+            proc.kill()
+            proc.wait()
