@@ -26,7 +26,7 @@ import pytest
 from fastvllm import server
 
 from .conftest import SERVER_ARGS
-from .test_snapshot_restore import _fingerprint, _linked_copy, _manifest, _one_error_line
+from .test_snapshot_restore import _fingerprint, _manifest, _one_error_line
 
 pytestmark = pytest.mark.integration
 
