@@ -361,7 +361,8 @@ def restore_one(snapshot: Path, progress: Progress | None = None, verify_canary:
     timeline["first_token"] = round(first_token_s, 3)
     reload_detail = timings.pop("reload", None)
     result = {"snapshot": str(snapshot), "endpoint": endpoint, "address": bound.get("address"),
-              "auth": bool(api_key), "bind": bound.get("seconds"), "pids": pids, "level": level,
+              "auth": bool(api_key), "bind": {**(bound.get("seconds") or {}), "canary_passed_at": bound.get("canary_passed_at"),
+                                             "socket_at": bound.get("socket_at")}, "pids": pids, "level": level,
               "prefetch": prefetch_mode, "memory": memory_record, "timeline": timeline,
               "timings": {"restore_s": round(restore_s, 3), **timings, "canary_s": round(canary_s, 3),
                           "healthy_s": round(healthy_s, 3), "first_token_s": round(first_token_s, 3),

@@ -262,6 +262,7 @@ class Session:
         key = args.get("api_key")
         self.args.host, self.args.port = host, port
         self.args.api_key = [key] if key else None
+        socket_at = time.time()
         sock = create_server_socket((host, port), reuse_port=False)
         app = self.app
         if key:  # vLLM adds its authentication middleware while building the app
@@ -297,7 +298,9 @@ class Session:
         _log("serving on %s:%d (API key %s)", host, port, "required" if key else "not required")
         return {"address": f"{host}:{port}", "auth": bool(key), "canary": checked, "bound_at": time.time(),
                 "seconds": {"canary": round(t_canary - t0, 4), "app": round(t_app - t_canary, 4),
-                            "http_start": round(done - t_app, 4)}}
+                            "http_start": round(done - t_app, 4)},
+                # Wall clock, for whoever checks from outside that nothing listened before.
+                "canary_passed_at": checked["finished_at"] if checked else None, "socket_at": socket_at}
 
 
 def _log(message: str, *args) -> None:
