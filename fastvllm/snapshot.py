@@ -20,6 +20,7 @@ from pathlib import Path
 from . import api_key as keys
 from . import canary, criu_ops, defaults, engine, external_files, integrity, manifest, registry, server
 from .errors import FastvllmError
+from .inside_vllm.control import remove_dir
 from .paths import logs_dir
 from .progress import Progress
 
@@ -185,6 +186,7 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
             })
         external_files.remove(shm)
         registry.remove(proc.pid)
+        remove_dir(Path(spec.control_dir))  # every restore re-creates it, empty
         return {"snapshot": str(out), "image_bytes": written["image_bytes"], "level": level,
                 "endpoint": spec.endpoint, "api_key_required": bool(key),
                 "timings": {**{k: round(v, 3) for k, v in timings.items()}, "total_s": round(progress.elapsed(), 3)}}
