@@ -332,9 +332,13 @@ def stop(target: Optional[str] = typer.Argument(None, help="Endpoint URL, port (
             raise FastvllmError(f"no running fastvllm server matches {target}", fix="see fastvllm ps")
     else:
         raise FastvllmError("say which server to stop", fix="pass an endpoint, port or PID, or --all")
+    from .inside_vllm.control import remove_dir
+
     for record in records:
         server.stop_tree(record.root_pid, server.tree_pids(record.root_pid))
         registry.remove(record.root_pid)
+        if record.control:
+            remove_dir(Path(record.control))
     _emit({"stopped": [r.root_pid for r in records]}, as_json,
           [f"stopped {r.endpoint} (pid {r.root_pid})" for r in records] or ["nothing to stop"])
 

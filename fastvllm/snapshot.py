@@ -21,6 +21,7 @@ from . import api_key as keys
 from . import canary, criu_ops, defaults, engine, external_files, gc, host_compat, integrity, locks, manifest
 from . import model_identity, registry, server
 from .errors import FastvllmError
+from .inside_vllm.control import remove_dir
 from .paths import logs_dir
 from .progress import Progress
 
@@ -199,6 +200,7 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
         gc.unregister_partial(tmp)
         external_files.remove(shm)
         registry.remove(proc.pid)
+        remove_dir(Path(spec.control_dir))  # every restore re-creates it, empty
         return {"snapshot": str(out), "image_bytes": written["image_bytes"], "level": level,
                 "endpoint": spec.endpoint, "api_key_required": bool(key),
                 "timings": {**{k: round(v, 3) for k, v in timings.items()}, "total_s": round(progress.elapsed(), 3)}}

@@ -75,6 +75,20 @@ def prepare_dir(path: Path) -> Path:
     return path
 
 
+def remove_dir(path: Path) -> None:
+    """Remove a channel directory once its server is gone (a restore re-creates it)."""
+    path = Path(path)
+    for name in (READY, REQUEST, REPLY, LOCK, REQUEST + ".tmp", REPLY + ".tmp", READY + ".tmp"):
+        try:
+            os.unlink(path / name)
+        except OSError:
+            pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
 def write_message(path: Path, message: dict) -> None:
     """Write ``message`` as JSON to ``path`` atomically (temporary name, 0600, rename)."""
     tmp = path.with_name(path.name + ".tmp")

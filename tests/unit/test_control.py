@@ -101,3 +101,11 @@ def test_unanswered_request_times_out(chan_dir):
 def test_ready_message(chan_dir):
     control.ServerEnd(chan_dir).announce_ready({"pid": os.getpid()})
     assert control.ClientEnd(chan_dir).wait_ready(timeout=1) == {"pid": os.getpid()}
+
+
+def test_remove_dir_after_the_server_is_gone(chan_dir):
+    control.write_message(chan_dir / control.READY, {})
+    (chan_dir / control.LOCK).write_text("")
+    control.remove_dir(chan_dir)
+    assert not chan_dir.exists()
+    control.remove_dir(chan_dir)  # twice is fine
