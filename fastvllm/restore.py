@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from . import criu_ops, defaults, engine, external_files, host_compat, integrity, locks, manifest, memory_check
+from . import canary, criu_ops, defaults, engine, external_files, host_compat, integrity, locks, manifest, memory_check
 from . import model_identity, registry, server
 from .errors import FastvllmError, ServerFailed, SnapshotInvalid
 from .progress import Progress
@@ -315,7 +315,9 @@ def restore_one(snapshot: Path, progress: Progress | None = None, verify_canary:
             timings["reload"] = woken["workers"]
             timeline["weights"] = {"start": round(weights_start, 3), "end": timings["weights_s"]}
         canary_record = meta["canary"]
-        expect = canary_record if verify_canary else None
+        # The first canary.RESTORE_TOKENS tokens, ids and log-probabilities: the server binds
+        # only once they match, and every decode step is on the path to the first user token.
+        expect = canary.prefix(canary_record) if verify_canary else None
         with progress.step(f"checking the canary in the server, then binding {bind_host}:{bind_port}"):
             try:
                 bound = server.bind(channel, spec, expect=expect)
@@ -325,20 +327,23 @@ def restore_one(snapshot: Path, progress: Progress | None = None, verify_canary:
                                        fix="the restored state is not the snapshot's; take a new snapshot") from None
                 raise
         canary_s = progress.elapsed()
+        checked = bound.get("canary") or {}
         if verify_canary:
-            progress.note(f"canary matches: {canary_record.get('completion')!r}")
+            progress.note(f"canary matches (first {len(expect['token_ids'])} tokens and their log-probabilities): "
+                          f"{checked.get('text')!r}")
         registry.add(registry.ServerRecord(root_pid=root_pid, pids=pids, endpoint=endpoint, model=meta["model"],
                                            how="restore", log=meta.get("log", ""), snapshot=str(snapshot),
                                            control=spec.control_dir))
         server.wait_healthy(endpoint, root_pid, HEALTH_TIMEOUT_S, Path(meta.get("log", "")) or None)
         healthy_s = progress.elapsed()
         asked = progress.elapsed()
+        # The same prefix over HTTP: the serving path (routes, tokenizer, key) answers too.
         ttft, text = server.complete(endpoint, meta["served_model_name"], canary_record["prompt"],
-                                     canary_record["max_tokens"], api_key=api_key)
+                                     canary.RESTORE_TOKENS, api_key=api_key)
         first_token_s = asked + ttft  # the first streamed token of a real HTTP request
-        if verify_canary and text != canary_record["completion"]:
+        if verify_canary and checked.get("text") is not None and text != checked["text"]:
             raise ServerFailed(f"canary mismatch over HTTP: restored server answered {text!r}, "
-                               f"snapshot recorded {canary_record['completion']!r}",
+                               f"in-process it answered {checked['text']!r}",
                                fix="the restored state is not the snapshot's; take a new snapshot")
         memory_record["anon_huge_kib"] = {"dumped": meta["tree"].get("anon_huge_kib"),
                                           "restored": server.tree_anon_huge_kib(pids)}

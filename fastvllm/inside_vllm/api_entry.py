@@ -232,9 +232,10 @@ class Session:
         """Run the canary; with ``expect``, fail unless it matches (see :mod:`fastvllm.canary`)."""
         if self.released is not None:
             raise RuntimeError(f"the engine is released (level {self.released}): wake it first")
-        result = await run_canary(self.engine, args.get("prompt") or canary.PROMPT,
-                                  int(args.get("max_tokens") or canary.MAX_TOKENS))
         expect = args.get("expect")
+        # a recorded canary's length (or a prefix of it: canary.prefix) sets the request's
+        max_tokens = args.get("max_tokens") or (expect or {}).get("max_tokens") or canary.MAX_TOKENS
+        result = await run_canary(self.engine, args.get("prompt") or canary.PROMPT, int(max_tokens))
         if expect:
             why = canary.mismatch(expect, result, args.get("tolerance") or expect.get("tolerance"))
             if why:

@@ -32,3 +32,19 @@ def test_missing_logprobs_or_old_record():
 
 def test_nan_is_never_a_match():
     assert canary.mismatch(REC, dict(REC, logprobs=[-1.0, float("nan"), -3.0]))
+
+
+def test_a_restore_checks_a_prefix_of_the_recorded_canary():
+    from fastvllm import canary
+
+    recorded = {"prompt": canary.PROMPT, "max_tokens": 16, "completion": "abc", "tolerance": 1e-4,
+                "token_ids": list(range(16)), "logprobs": [-0.5] * 16}
+    head = canary.prefix(recorded)
+    assert head["max_tokens"] == canary.RESTORE_TOKENS == len(head["token_ids"]) == len(head["logprobs"])
+    assert head["token_ids"] == list(range(canary.RESTORE_TOKENS)) and recorded["max_tokens"] == 16
+    same = {"token_ids": list(range(4)), "logprobs": [-0.5] * 4, "text": "ab"}
+    assert canary.mismatch(head, same) is None
+    moved = {**same, "logprobs": [-0.5, -0.5003, -0.5, -0.5]}
+    assert "log-probability of token 1" in canary.mismatch(head, moved)
+    other = {**same, "token_ids": [0, 9, 2, 3]}
+    assert "token ids differ from position 1" in canary.mismatch(head, other)
