@@ -26,11 +26,12 @@ MAX_TOKENS = 16
 # A restore checks the first RESTORE_TOKENS of the recorded canary, before it binds. Every
 # decode step costs ~0.08 s on the 0.93 GB model and ~0.6 s on Llama-3.2-3B shapes here (2
 # cores), and a server binds only after its canary: 16 tokens would add ~9 s to a 3B restore.
-# Greedy decoding is causal, so a prefix of the same request is the same computation; and
-# the log-probability of every sampled token moves when any weight does (the perturbed-
-# weight test fails at token 0), so four tokens with their log-probabilities are a stricter
-# proof than sixteen tokens of text. The snapshot's rehearsal checks all sixteen.
-RESTORE_TOKENS = 4
+# Greedy decoding is causal, so a prefix of the same request is the same computation. Two
+# tokens cover both paths a restore can break: token 0 comes from the prefill, token 1 from
+# a decode step that reads the (re-allocated) KV cache. With their log-probabilities they
+# are a stricter proof than sixteen tokens of text: the log-probability of every sampled
+# token moves when any weight does. The snapshot's rehearsal checks all sixteen.
+RESTORE_TOKENS = 2
 WARMUP_PROMPT = "Hello, my name is"
 LOGPROB_TOLERANCE = 1e-4
 

@@ -42,9 +42,11 @@ def test_a_restore_checks_a_prefix_of_the_recorded_canary():
     head = canary.prefix(recorded)
     assert head["max_tokens"] == canary.RESTORE_TOKENS == len(head["token_ids"]) == len(head["logprobs"])
     assert head["token_ids"] == list(range(canary.RESTORE_TOKENS)) and recorded["max_tokens"] == 16
-    same = {"token_ids": list(range(4)), "logprobs": [-0.5] * 4, "text": "ab"}
+    n = canary.RESTORE_TOKENS
+    assert n >= 2, "token 0 is the prefill's; a decode step (KV cache) needs token 1"
+    same = {"token_ids": list(range(n)), "logprobs": [-0.5] * n, "text": "ab"}
     assert canary.mismatch(head, same) is None
-    moved = {**same, "logprobs": [-0.5, -0.5003, -0.5, -0.5]}
+    moved = {**same, "logprobs": [-0.5, -0.5003] + [-0.5] * (n - 2)}
     assert "log-probability of token 1" in canary.mismatch(head, moved)
-    other = {**same, "token_ids": [0, 9, 2, 3]}
+    other = {**same, "token_ids": [0, 9] + list(range(2, n))}
     assert "token ids differ from position 1" in canary.mismatch(head, other)
