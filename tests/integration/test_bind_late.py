@@ -198,6 +198,9 @@ def test_a_weight_scaled_by_1_001_is_caught_by_the_logprob_canary(cli, tiny_mode
     for item in meta["weights"]["files"]:
         data = Path(item["path"]).read_bytes()
         item["sha256"], item["size"] = hashlib.sha256(data).hexdigest(), len(data)
+    from fastvllm import model_identity
+
+    meta["model_identity"] = model_identity.identity(model)  # the content identity too: only the canary is left
     (snap / "manifest.json").chmod(0o600)
     (snap / "manifest.json").write_text(json.dumps(meta))
     before = _fingerprint(snap)
