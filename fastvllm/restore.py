@@ -71,10 +71,13 @@ def _check_model(meta: dict) -> None:
     the same shapes would otherwise be shadowed by the old one without a word (the canary
     would match). Digests are cached by inode, size and times, so this costs a few stats."""
     recorded = meta.get("model_identity")
-    if not recorded:
-        return  # taken before identities were recorded
     model_dir = Path(meta["model"])
-    diff = model_identity.changed(recorded, model_dir) if model_dir.is_dir() else [f"{model_dir}: missing"]
+    if not recorded or not model_dir.is_dir():
+        # Taken before identities were recorded; or the model is gone from this host (a
+        # level-2 snapshot with --copy-weights, a node with only the snapshot volume):
+        # then no newer model sits at that path, and what the image holds is what serves.
+        return
+    diff = model_identity.changed(recorded, model_dir)
     if diff:
         more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
         raise SnapshotInvalid(f"the model changed since the snapshot: {'; '.join(diff[:3])}{more}",
