@@ -77,7 +77,9 @@ def _check_model(meta: dict) -> None:
         # level-2 snapshot with --copy-weights, a node with only the snapshot volume):
         # then no newer model sits at that path, and what the image holds is what serves.
         return
-    diff = model_identity.changed(recorded, model_dir)
+    # A file gone is no newer model either (a level-2 snapshot with --copy-weights reloads
+    # from its own copy); a file changed or added is.
+    diff = [d for d in model_identity.changed(recorded, model_dir) if not d.endswith(": missing")]
     if diff:
         more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
         raise SnapshotInvalid(f"the model changed since the snapshot: {'; '.join(diff[:3])}{more}",
