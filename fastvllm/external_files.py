@@ -5,6 +5,13 @@ only a reference (path, size, offset). For a vLLM tree those are the ``/dev/shm`
 (``psm_*`` message queues, ``sem.*`` semaphores, and the ``link_remap.N`` hard links CRIU
 makes for unlinked ones) and the server's log. They must be saved right after the dump and
 put back, byte for byte and with hard links kept, before each restore.
+
+Compiled kernels are the third kind: torch's inductor compiles a C++ kernel (a ``.so`` in
+``TORCHINDUCTOR_CACHE_DIR``) the first time a request asks for log-probabilities, which the
+canary does even with ``--enforce-eager``, and the worker keeps it mapped. A restore in a
+fresh container, whose cache directory is empty, failed with "... existed when the snapshot
+was taken but is missing now". They are saved too and put back only where missing: the
+cache is content-addressed, and a file there may be mapped by another running server.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ class SavedFile:
     mode: int = 0o600  # CRIU checks size and mode of every file it reopens
     uid: int = 0
     gid: int = 0
+    keep_existing: bool = False  # a compile-cache file: an existing one of the same size stays
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -40,6 +48,29 @@ def shm_paths_of(pids: list[int]) -> set[str]:
     for pid in pids:
         for path in _fd_targets(pid) | _mapped_files(pid):
             if path.startswith(str(SHM_DIR) + "/") and not path.endswith(_DELETED):
+                found.add(path)
+    return found
+
+
+def compile_cache_roots(env: dict[str, str] | None = None) -> list[str]:
+    """Where torch inductor, triton and vLLM keep compiled artifacts (their env vars, else
+    their defaults)."""
+    env = os.environ if env is None else env
+    home = env.get("HOME") or str(Path.home())
+    user = env.get("USER") or env.get("LOGNAME") or "root"
+    roots = [env.get("TORCHINDUCTOR_CACHE_DIR") or f"/tmp/torchinductor_{user}",
+             env.get("TRITON_CACHE_DIR") or f"{home}/.triton/cache",
+             env.get("VLLM_CACHE_ROOT") or f"{env.get('XDG_CACHE_HOME') or home + '/.cache'}/vllm"]
+    return [str(Path(r).absolute()) for r in roots]
+
+
+def compile_cache_paths_of(pids: list[int], roots: list[str]) -> set[str]:
+    """Files under ``roots`` that ``pids`` have open or mapped (compiled kernels)."""
+    found: set[str] = set()
+    prefixes = tuple(r.rstrip("/") + "/" for r in roots)
+    for pid in pids:
+        for path in _fd_targets(pid) | _mapped_files(pid):
+            if path.startswith(prefixes) and not path.endswith(_DELETED) and os.path.isfile(path):
                 found.add(path)
     return found
 
@@ -79,8 +110,9 @@ def _mapped_files(pid: int) -> set[str]:
     return out
 
 
-def save(paths: set[str], dest: Path) -> list[SavedFile]:
-    """Copy ``paths`` into ``dest``; hard links among them are recorded, stored once."""
+def save(paths: set[str], dest: Path, keep_existing: set[str] = frozenset()) -> list[SavedFile]:
+    """Copy ``paths`` into ``dest``; hard links among them are recorded, stored once. Those
+    in ``keep_existing`` are put back only where missing (see the module's docstring)."""
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     saved: list[SavedFile] = []
     by_inode: dict[tuple[int, int], tuple[int, str]] = {}
@@ -98,7 +130,8 @@ def save(paths: set[str], dest: Path) -> list[SavedFile]:
             os.chmod(dest / stored, 0o600)
             by_inode[key] = (group, stored)
         saved.append(SavedFile(path=path, stored_as=stored, size=st.st_size, link_group=group,
-                               mode=st.st_mode & 0o7777, uid=st.st_uid, gid=st.st_gid))
+                               mode=st.st_mode & 0o7777, uid=st.st_uid, gid=st.st_gid,
+                               keep_existing=path in keep_existing))
     return saved
 
 
@@ -112,6 +145,9 @@ def put_back(saved: list[SavedFile], src: Path) -> list[str]:
     first_of_group: dict[int, str] = {}
     for item in saved:
         target = Path(item.path)
+        if item.keep_existing and target.is_file() and not target.is_symlink() \
+                and target.stat().st_size == item.size:
+            continue  # the same compiled kernel is already there (perhaps mapped by a server)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists() or target.is_symlink():
             target.unlink()

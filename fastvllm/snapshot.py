@@ -146,6 +146,7 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
         pids = server.tree_pids(proc.pid)
         anon_huge_kib = server.tree_anon_huge_kib(pids)
         shm = external_files.shm_paths_of(pids)
+        kernels = external_files.compile_cache_paths_of(pids, external_files.compile_cache_roots(spec.environment()))
         model_id = model_identity.identity(Path(model)) if Path(model).is_dir() else None
         t_dump = time.monotonic()
         with progress.step(f"dumping {len(pids)} processes with CRIU {criu.version_str}"), \
@@ -159,7 +160,8 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
             if still:
                 raise FastvllmError(f"processes {sorted(still)} survived the dump", fix="report this with the CRIU log")
             shm |= external_files.link_remaps_in_shm() - remaps_before
-            saved = external_files.save(shm | {str(log_path)}, tmp / manifest.EXTERNAL_DIR)
+            saved = external_files.save(shm | {str(log_path)} | kernels, tmp / manifest.EXTERNAL_DIR,
+                                        keep_existing=kernels)
             # The tree is gone and its objects are saved: remove them while the lock is held,
             # so the next dump or restore on this host finds CRIU's names free.
             external_files.remove(shm)

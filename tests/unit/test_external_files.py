@@ -272,3 +272,36 @@ def test_link_remaps_in_shm_finds_real_file(shm_cleanup):
 def test_saved_file_json_defaults():
     item = from_json([{"path": "/dev/shm/x", "stored_as": "0000-x", "size": 3, "link_group": 0}])[0]
     assert item == SavedFile("/dev/shm/x", "0000-x", 3, 0, 0o600, 0, 0)
+
+
+def test_compile_cache_kernels_are_found_saved_and_put_back_only_where_missing(tmp_path):
+    """A compiled kernel the tree maps from a cache dir is saved; on restore it is written
+    back where missing and left alone where the same file already is (another server may
+    map it)."""
+    import mmap
+
+    from fastvllm import external_files as ef
+
+    cache = tmp_path / "inductor"
+    (cache / "ab").mkdir(parents=True)
+    kernel = cache / "ab" / "k.so"
+    kernel.write_bytes(b"\x7fELF" + bytes(8188))
+    other = tmp_path / "elsewhere.so"
+    other.write_bytes(b"x" * 4096)
+    with open(kernel, "rb") as fa, open(other, "rb") as fb:
+        ma, mb = mmap.mmap(fa.fileno(), 0, prot=mmap.PROT_READ), mmap.mmap(fb.fileno(), 0, prot=mmap.PROT_READ)
+        try:
+            found = ef.compile_cache_paths_of([os.getpid()], [str(cache)])
+        finally:
+            ma.close()
+            mb.close()
+    assert found == {str(kernel)}
+    assert ef.compile_cache_roots({"TORCHINDUCTOR_CACHE_DIR": str(cache), "HOME": "/h"})[0] == str(cache)
+    saved = ef.save(found, tmp_path / "snap-external", keep_existing=found)
+    assert saved[0].keep_existing
+    before = kernel.stat().st_ino
+    assert ef.put_back(saved, tmp_path / "snap-external") == []  # present, same size: untouched
+    assert kernel.stat().st_ino == before
+    kernel.unlink()
+    assert ef.put_back(saved, tmp_path / "snap-external") == [str(kernel)]
+    assert kernel.read_bytes().startswith(b"\x7fELF")
