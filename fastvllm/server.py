@@ -80,6 +80,11 @@ class ServerSpec:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        # The engine's and workers' own sockets (torch.distributed, ZMQ) bind get_ip(): in a
+        # container that is its network address, which the next container to restore the
+        # snapshot does not have ("Can't bind inet socket ... Cannot assign requested
+        # address", seen here). One node, one tree: loopback is enough and travels.
+        env.setdefault("VLLM_HOST_IP", LOOPBACK)
         env.setdefault("DO_NOT_TRACK", "1")
         env.update(self.env)
         env.pop(keys.ENV, None)  # the key reaches the server with "bind" only
