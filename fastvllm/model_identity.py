@@ -30,7 +30,6 @@ from pathlib import Path
 from .errors import FastvllmError
 from .paths import run_dir
 
-_CHUNK = 8 << 20
 _MAX_HEADER = 100 << 20  # safetensors refuses headers over 100 MB too
 # What vLLM reads from a model directory besides the weights (hidden files and the
 # ``original/`` subfolder of some checkpoints are not read, so not part of the identity).
@@ -131,14 +130,11 @@ def _file_entry(path: Path, counts: dict) -> dict:
 
 
 def hash_file(path: Path) -> str:
-    """xxh3-128 of a file's bytes (the expensive step the cache exists to skip)."""
-    import xxhash
+    """xxh3-128 of a file's bytes (the expensive step the cache exists to skip): the same
+    digest the snapshot's images are sealed with."""
+    from .integrity import digest
 
-    h = xxhash.xxh3_128()
-    with open(path, "rb", buffering=0) as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return digest(path)
 
 
 def safetensors_header(path: Path) -> bytes:
