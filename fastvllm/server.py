@@ -85,6 +85,8 @@ class ServerSpec:
         # snapshot does not have ("Can't bind inet socket ... Cannot assign requested
         # address", seen here). One node, one tree: loopback is enough and travels.
         env.setdefault("VLLM_HOST_IP", LOOPBACK)
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo (CPU torch.distributed) binds the hostname's address
+        env.setdefault("TP_SOCKET_IFNAME", "lo")
         env.setdefault("DO_NOT_TRACK", "1")
         env.update(self.env)
         env.pop(keys.ENV, None)  # the key reaches the server with "bind" only
