@@ -444,9 +444,7 @@ def main() -> None:
         print(f"fastvllm: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except Terminated as exc:
-        import signal as _signal
-
-        print(f"fastvllm: error: stopped by {_signal.Signals(exc.signum).name}; what this command had started "
+        print(f"fastvllm: error: stopped by {signal.Signals(exc.signum).name}; what this command had started "
               "was cleaned up", file=sys.stderr)
         sys.exit(128 + exc.signum)
     except KeyboardInterrupt:

@@ -16,7 +16,6 @@ the next tensor's copy before the consumer read it).
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import tempfile
 import threading
@@ -32,6 +31,7 @@ from fastvllm import weights  # noqa: E402
 from fastvllm.device_reader import CudaCopyEngine  # noqa: E402
 from fastvllm.errors import FastvllmError  # noqa: E402
 from fastvllm.weights import ReadStats, iter_weights, plan_weights  # noqa: E402
+from tests.safetensors_files import write_ordered  # noqa: E402
 
 SKIP_REASON = "needs a CUDA GPU: exercises the reader's pinned-piece, side-stream H2D path"
 HAS_CUDA = torch.cuda.is_available()
@@ -48,21 +48,6 @@ POISON = 0xFF
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def write_ordered(path: Path, items: list[tuple[str, torch.Tensor]]) -> Path:
-    header, off = {}, 0
-    for name, t in items:
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": weights.DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
-        off += n
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for _, t in items:
-            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return path
 
 
 def checkpoint(path: Path, small: int = 400, big: int = 3, big_numel: int = 700_000, seed: int = 0) -> Path:

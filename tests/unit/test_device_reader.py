@@ -11,7 +11,6 @@ The same properties on a real GPU: tests/gpu/test_weights_cuda.py.
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from fastvllm import device_reader, weights
 from fastvllm.device_reader import PinnedBuffer, plan_pieces
 from fastvllm.errors import FastvllmError
 from fastvllm.weights import ReadStats, iter_weights, plan_weights
+from tests.safetensors_files import write_ordered
 
 POISON = 0xA5
 
@@ -83,22 +83,6 @@ class DeferredEngine:
         with self.lock:
             self.waited.append(event)
         self._complete(event)
-
-
-def write_ordered(path: Path, items: list[tuple[str, torch.Tensor]]) -> Path:
-    """A safetensors file with tensors in exactly this order."""
-    header, off = {}, 0
-    for name, t in items:
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": weights.DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
-        off += n
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for _, t in items:
-            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return path
 
 
 def mixed(seed: int = 0, small: int = 150) -> list[tuple[str, torch.Tensor]]:

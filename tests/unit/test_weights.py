@@ -19,6 +19,7 @@ from fastvllm import weights
 from fastvllm.errors import FastvllmError
 from fastvllm.weights import (ReadStats, check_against_model, dump_weights, group_of, iter_weights, plan_weights,
                               reference_weights, verify_weights)
+from tests.safetensors_files import write_ordered
 
 
 def llama_like(layers: int = 3, hidden: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -42,22 +43,6 @@ def llama_like(layers: int = 3, hidden: int = 32, seed: int = 0) -> dict[str, to
         t[f"{p}.mlp.ids"] = torch.randint(0, 1 << 40, (3,), generator=g)
         t[f"{p}.mlp.fp8"] = r(4, 4).to(torch.float8_e4m3fn)
     return t
-
-
-def write_ordered(path: Path, items: list[tuple[str, torch.Tensor]]) -> Path:
-    """A safetensors file with tensors in exactly this order (save_file would sort them)."""
-    header, off = {}, 0
-    for name, t in items:
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": weights.DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
-        off += n
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for _, t in items:
-            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return path
 
 
 @pytest.fixture
