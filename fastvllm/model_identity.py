@@ -69,8 +69,9 @@ def identity(model_dir: Path, *, stats: dict | None = None) -> dict:
     return {"digest": total.hexdigest(), "files": files}
 
 
-def changed(recorded: dict, model_dir: Path) -> list[str]:
-    """What differs between a recorded identity and the model directory now (empty: same)."""
+def changed(recorded: dict, model_dir: Path, missing_ok: bool = False) -> list[str]:
+    """What differs between a recorded identity and the model directory now (empty: same).
+    ``missing_ok``: a recorded file that is gone is not a difference (no newer model there)."""
     now = identity(model_dir)
     was_files, now_files = recorded.get("files", {}), now["files"]
     out = []
@@ -79,7 +80,8 @@ def changed(recorded: dict, model_dir: Path) -> list[str]:
         if was is None:
             out.append(f"{name}: new file")
         elif cur is None:
-            out.append(f"{name}: missing")
+            if not missing_ok:
+                out.append(f"{name}: missing")
         elif was.get("header_xxh3_128") and was["header_xxh3_128"] != cur.get("header_xxh3_128"):
             out.append(f"{name}: tensor table differs (names, shapes or dtypes)")
         elif was.get("size") != cur["size"]:

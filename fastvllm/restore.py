@@ -79,7 +79,7 @@ def _check_model(meta: dict) -> None:
         return
     # A file gone is no newer model either (a level-2 snapshot with --copy-weights reloads
     # from its own copy); a file changed or added is.
-    diff = [d for d in model_identity.changed(recorded, model_dir) if not d.endswith(": missing")]
+    diff = model_identity.changed(recorded, model_dir, missing_ok=True)
     if diff:
         more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
         raise SnapshotInvalid(f"the model changed since the snapshot: {'; '.join(diff[:3])}{more}",

@@ -79,6 +79,11 @@ def test_shape_change_and_new_and_missing_files_are_named(tmp_path):
         "model.safetensors: tensor table differs (names, shapes or dtypes)",
         "tokenizer.json: new file",
     ]
+    # a file gone is no newer model (restore's view: copied weights, snapshot-only nodes)
+    assert model_identity.changed(before, model, missing_ok=True) == [
+        "model.safetensors: tensor table differs (names, shapes or dtypes)",
+        "tokenizer.json: new file",
+    ]
 
 
 def test_second_identity_is_served_from_the_cache(tmp_path, monkeypatch):
