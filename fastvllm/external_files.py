@@ -17,6 +17,7 @@ cache is content-addressed, and a file there may be mapped by another running se
 from __future__ import annotations
 
 import os
+import stat
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,13 +44,63 @@ class SavedFile:
 
 
 def shm_paths_of(pids: list[int]) -> set[str]:
-    """Paths under /dev/shm that ``pids`` have open or mapped (deleted ones excluded)."""
+    """Paths under /dev/shm that ``pids`` have open or mapped, plus the other names of the
+    /dev/shm files they hold under a deleted name.
+
+    glibc's ``sem_open`` creates a semaphore under a temporary name, maps it, links it to
+    the real name (``sem.mp-*`` for Python's multiprocessing) and unlinks the temporary
+    one: the creator's maps then show ``/dev/shm/sem.XXXXXX (deleted)`` while the file
+    lives on as ``sem.mp-*``, which no process names. CRIU dumps the mapping through a
+    ``link_remap`` link and kills the tree; the ``sem.mp-*`` name was left on the host,
+    unused, after every snapshot (vLLM's worker creates one through tqdm's lock). Matched
+    by inode, it is saved with the snapshot (as a hard link of the remap) and removed.
+    """
     found: set[str] = set()
+    inodes: set[int] = set()
     for pid in pids:
         for path in _fd_targets(pid) | _mapped_files(pid):
             if path.startswith(str(SHM_DIR) + "/") and not path.endswith(_DELETED):
                 found.add(path)
+        inodes |= _shm_inodes(pid)
+    try:
+        shm_dev = os.stat(SHM_DIR).st_dev
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return found
+    for name in names:
+        if name.startswith(".fastvllm"):
+            continue  # host-wide lock files
+        try:
+            st = os.lstat(SHM_DIR / name)
+        except OSError:
+            continue
+        if st.st_dev == shm_dev and st.st_ino in inodes and stat.S_ISREG(st.st_mode):
+            found.add(str(SHM_DIR / name))
     return found
+
+
+def _shm_inodes(pid: int) -> set[int]:
+    """Inodes of the /dev/shm files ``pid`` maps or holds open, under any name or none."""
+    out = set()
+    try:
+        with open(f"/proc/{pid}/maps") as fh:
+            for line in fh:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].startswith(str(SHM_DIR) + "/"):
+                    out.add(int(parts[4]))
+    except OSError:
+        pass
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(str(SHM_DIR) + "/"):
+                out.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+        except OSError:
+            continue
+    return out
 
 
 def compile_cache_roots(env: dict[str, str] | None = None) -> list[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from . import canary, criu_ops, defaults, engine, external_files, host_compat, integrity, locks, manifest, memory_check
 from . import model_identity, registry, server
 from .errors import FastvllmError, ServerFailed, SnapshotInvalid
+from .orphan_guard import OrphanGuard
 from .progress import Progress
 
 HEALTH_TIMEOUT_S = float(os.environ.get("FASTVLLM_RESTORE_HEALTH_TIMEOUT", "300"))
@@ -209,11 +210,18 @@ def restore_snapshot(snapshot: Path, *args, **kwargs) -> dict:
         return restore_one(snapshot, *args, **kwargs)
 
 
+class _NoGuard:
+    def watch_pids(self, pids) -> None: ...
+    def remove_paths(self, paths) -> None: ...
+
+
+
 def restore_one(snapshot: Path, progress: Progress | None = None, verify_canary: bool = True,
                      loader: str = "fast", tuning: dict | None = None, prefetch_mode: str = "overlap",
                      cold: bool = False, drop_caches: bool = False, measure_residency: bool = True,
                      memory: str = "auto", privatize: bool = True, host: str | None = None,
-                     port: int | None = None, api_key: str | None = None, trust_images: bool = False) -> dict:
+                     port: int | None = None, api_key: str | None = None, trust_images: bool = False,
+                     orphan_guard: bool = True) -> dict:
     """Restore ``snapshot``, serving on ``host:port`` (default: the snapshot's), and return
     endpoint, PIDs and timings (seconds since start).
 
@@ -230,6 +238,8 @@ def restore_one(snapshot: Path, progress: Progress | None = None, verify_canary:
     ~50 ms before CRIU starts, so callers that do not show it turn it off. ``memory`` is the
     CRIU memory engine (:func:`choose_memory`); after an ``mmap`` restore ``privatize``
     copies the mapped weights into private memory in the background (decode speed).
+    ``orphan_guard=False`` skips the watcher that cleans up after a SIGKILL (for a caller
+    that is PID 1 of a container, whose death takes the whole tree with it).
     """
     from . import prefetch
     from .inside_vllm.control import prepare_dir
@@ -282,6 +292,10 @@ def restore_one(snapshot: Path, progress: Progress | None = None, verify_canary:
     level = meta.get("level", 0)
     checksums = _ChecksumCheck(meta["weights"], snapshot) if level == 2 else None
     timings: dict[str, float] = {}
+    # SIGKILL runs no clean-up here: if this process dies before the server is bound, the
+    # watcher kills CRIU and the PIDs it restores and removes what was put back (orphan_guard.py).
+    guard = OrphanGuard().start() if orphan_guard else _NoGuard()
+    guard.watch_pids(pids)
     try:
         if checksums:
             checksums.start()
@@ -292,6 +306,7 @@ def restore_one(snapshot: Path, progress: Progress | None = None, verify_canary:
             # Other trees' dumps and restores use the same /dev/shm/link_remap names: from
             # putting ours back until CRIU has consumed them, nobody else may (locks.py).
             with locks.criu_names_lock(what=f"restore of {snapshot} (CRIU)"):
+                guard.remove_paths(i.path for i in saved if i.path.startswith(str(external_files.SHM_DIR)))
                 written = external_files.put_back(saved, snapshot / manifest.EXTERNAL_DIR)
                 root_pid, criu_log = criu_ops.restore_tree(criu, snapshot / manifest.CRIU_DIR,
                                                            criu_ops.RestoreOptions(memory=memory_record["engine"]))
@@ -361,6 +376,9 @@ def restore_one(snapshot: Path, progress: Progress | None = None, verify_canary:
             server.kill_tree(server.tree_pids(root_pid) or [root_pid])
         external_files.remove(p for p in written if p.startswith(str(external_files.SHM_DIR)))
         raise
+    finally:
+        if orphan_guard:
+            guard.release()
     if prefetcher is not None:
         prefetcher.wait(timeout=30)  # it reads what restore already read: nearly always done
         st = prefetcher.stats

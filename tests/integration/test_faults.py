@@ -143,3 +143,68 @@ def test_sigterm_during_restore_kills_the_half_restored_tree(cli, tiny_snapshot_
     result = cli.json("restore", str(snap), "--port", str(port))  # the next restore works
     assert result["level"] == 1
     cli("stop", "--all")
+
+
+def _criu_processes_since(t0: float) -> list[psutil.Process]:
+    out = []
+    for proc in psutil.process_iter(["cmdline", "create_time"]):
+        cmd = proc.info["cmdline"] or []
+        if cmd and Path(cmd[0]).name == "criu" and proc.info["create_time"] >= t0:
+            out.append(proc)
+    return out
+
+
+def _wait_until(check, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if not value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("phase", ["starting vLLM server", "releasing"])
+def test_sigkill_during_snapshot_leaves_nothing(cli, tiny_model, tmp_path, phase):
+    """SIGKILL runs nothing in the process: the orphan guard kills the (released) server and
+    removes the partial snapshot and the tree's /dev/shm objects."""
+    before = _shm_objects()
+    out = tmp_path / "snap"
+    port = server.free_port()
+    proc = _run_until(["snapshot", tiny_model, "--out", str(out), "--level", "1", "--port", str(port),
+                       "--", *SERVER_ARGS], phase)
+    time.sleep(2 if phase.startswith("starting") else 0)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+    def servers():
+        return [p for p in psutil.process_iter(["cmdline"]) if tiny_model in " ".join(p.info["cmdline"] or [])
+                and "vllm" in " ".join(p.info["cmdline"] or []) and p.status() != psutil.STATUS_ZOMBIE]
+
+    assert _wait_until(servers) == [], "a (released) server outlived its SIGKILLed snapshot"
+    assert _wait_until(lambda: list(tmp_path.glob(".snap.partial-*"))) == []
+    assert not out.exists()
+    assert cli.json("ps")["servers"] == []
+    server.ensure_port_free(server.LOOPBACK, port)
+    assert _wait_until(lambda: _ours_left(before)) == set()
+
+
+@pytest.mark.parametrize("phase", ["restoring", "re-allocating the KV cache"])
+def test_sigkill_during_restore_kills_the_restored_tree(cli, tiny_snapshot_l1, phase):
+    """SIGKILL in CRIU's restore, or after it before the bind: CRIU and every restored PID
+    are killed, what was put back in /dev/shm is removed, and the next restore works."""
+    snap, _ = tiny_snapshot_l1
+    meta = json.loads((snap / "manifest.json").read_text())
+    before = _shm_objects()
+    port = server.free_port()
+    t0 = time.time()
+    proc = _run_until(["restore", str(snap), "--port", str(port)], phase)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert criu_ops.wait_pids_free(meta["tree"]["pids"], timeout=30) == {}, "the restored tree was left"
+    assert _wait_until(lambda: _criu_processes_since(t0)) == [], "CRIU outlived its SIGKILLed restore"
+    assert cli.json("ps")["servers"] == []
+    server.ensure_port_free(server.LOOPBACK, port)
+    assert _wait_until(lambda: _ours_left(before)) == set()
+    result = cli.json("restore", str(snap), "--port", str(port))  # the next restore works
+    assert result["level"] == 1
+    cli("stop", "--all")
