@@ -344,18 +344,32 @@ def stop(target: Optional[str] = typer.Argument(None, help="Endpoint URL, port (
 
 
 @app.command()
-def doctor(as_json: bool = typer.Option(False, "--json")):
+def doctor(as_json: bool = typer.Option(False, "--json"),
+           snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="Also compare this snapshot's recorded "
+                                                   "host (CPU, flags, kernel, versions, GPU) with this one.")):
     """Check CRIU, kernel, io_uring, vmtouch, vLLM and GPU tooling; each problem with its fix."""
-    from .doctor import run_checks
+    from .doctor import host_comparison, run_checks
 
-    checks = run_checks()
+    checks = run_checks(snapshot)
     fatal = [c for c in checks if not c.ok and c.fatal]
+    rows = None
+    if snapshot is not None:
+        try:
+            rows = host_comparison(snapshot)
+        except FastvllmError:
+            rows = None  # the host check above already says why
     if as_json:
-        print(json.dumps({"ok": not fatal, "checks": [c.to_json() for c in checks]}))
+        print(json.dumps({"ok": not fatal, "checks": [c.to_json() for c in checks],
+                          **({"host": rows} if rows is not None else {})}))
     else:
         for c in checks:
             mark = "ok  " if c.ok else ("FAIL" if c.fatal else "warn")
             print(f"[{mark}] {c.name}: {c.detail}" + ("" if c.ok or not c.fix else f" -> {c.fix}"))
+        if rows is not None:
+            from .host_compat import render_comparison
+
+            print(f"{snapshot}'s host against this one:")
+            print("\n".join(render_comparison(rows)))
     if fatal:
         raise typer.Exit(1)
 

@@ -43,6 +43,8 @@ import os
 import re
 import shutil
 import stat
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,6 +86,40 @@ class Report:
     def to_json(self) -> dict:
         return {"dry_run": self.dry_run, "bytes_freed": self.bytes_freed,
                 "removed": [asdict(i) for i in self.removed], "kept": [asdict(i) for i in self.kept]}
+
+
+AUTO_ENV = "FASTVLLM_AUTO_GC"
+
+
+def collect_in_background(who: str) -> threading.Thread | None:
+    """Run :func:`collect` with its defaults in a daemon thread, so that debris of killed
+    commands does not pile up where nobody runs ``fastvllm gc`` (a node that only ever
+    runs the container). ``snapshot`` and the container's entrypoint start it: both spend
+    tens of seconds starting a server, so the sweep (a read of every process's fds and
+    maps) costs them nothing they wait for; ``restore`` does not (every millisecond of it is
+    on the path to the first token). The rules are the same as ``fastvllm gc``'s, so
+    nothing in use, recent (10 min) or under a held lock is touched. One line on stderr
+    when something was removed; a failure never fails the command.
+    ``FASTVLLM_AUTO_GC=0`` turns it off.
+    """
+    if os.environ.get(AUTO_ENV, "1") == "0":
+        return None
+
+    def sweep() -> None:
+        try:
+            report = collect()
+        except Exception as exc:  # noqa: BLE001 - housekeeping never fails the command
+            print(f"fastvllm: gc ({who}): skipped ({exc.__class__.__name__}: {exc})", file=sys.stderr)
+            return
+        if report.removed:
+            print(f"fastvllm: gc ({who}): removed {len(report.removed)} leftovers of killed commands "
+                  f"({report.bytes_freed / 2**20:.1f} MiB): "
+                  + ", ".join(i.path for i in report.removed[:3]) + (" ..." if len(report.removed) > 3 else ""),
+                  file=sys.stderr)
+
+    thread = threading.Thread(target=sweep, name="fastvllm-gc", daemon=True)
+    thread.start()
+    return thread
 
 
 # -- partial snapshot directories: the records the snapshot code keeps ---------------------

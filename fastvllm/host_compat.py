@@ -144,6 +144,37 @@ def refuse_if_incompatible(recorded: dict, here: dict | None = None) -> list[Mis
     return found
 
 
+def comparison(recorded: dict, here: dict) -> list[dict]:
+    """Every field, recorded against here, with its verdict (``same``, ``warn``, ``fatal``,
+    or ``not recorded`` by an older fastvllm): the table ``inspect`` and ``doctor`` show."""
+    judged = {m.field: m for m in compare(recorded, here)}
+    rows = []
+    for name in FIELDS:
+        was, now = recorded.get(name), here.get(name)
+        if name == "cpu_flags":
+            was = f"{len(was)} flags" if was is not None else None
+            now = f"{len(now or ())} flags"
+        m = judged.get(name)
+        if name not in recorded:
+            status, why = "not recorded", "taken by an older fastvllm"
+        elif m is None:
+            status, why = "same", ""
+        else:
+            status, why = ("fatal" if m.fatal else "warn"), m.why
+        rows.append({"field": name, "recorded": was, "here": now, "status": status, "why": why})
+    return rows
+
+
+def render_comparison(rows: list[dict]) -> list[str]:
+    """One line per field that is not the same, then one line for the rest."""
+    lines = [f"  {r['status']:<5} {r['field']}: {_show(r['recorded'])} at snapshot, {_show(r['here'])} here"
+             + (f" ({r['why']})" if r["why"] else "") for r in rows if r["status"] in ("fatal", "warn")]
+    same = [r["field"] for r in rows if r["status"] == "same"]
+    if same:
+        lines.append(f"  same  {', '.join(same)}")
+    return lines
+
+
 def _cpu(cpuinfo: Path) -> tuple[str | None, str | None, set[str]]:
     """Vendor, model name and flags of the first CPU (all CPUs of a host report the same)."""
     vendor = model = None

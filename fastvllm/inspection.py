@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import criu_ops, manifest
+from . import criu_ops, host_compat, manifest
 from .doctor import Check
 from .errors import FastvllmError
 
@@ -53,6 +53,15 @@ def inspect_snapshot(snapshot: Path) -> dict:
         return "python, torch and vLLM as recorded"
 
     check("versions", versions)
+    recorded_host = meta.get("host") or host_compat.facts_from_versions(meta.get("versions", {}))
+    here = host_compat.host_facts(criu_holder["criu"].version_str if "criu" in criu_holder else None)
+    host_rows = host_compat.comparison(recorded_host, here)
+
+    def host():
+        warned = host_compat.refuse_if_incompatible(recorded_host, here)
+        return "compatible" + (f" ({len(warned)} warnings: {', '.join(m.field for m in warned)})" if warned else "")
+
+    check("host", host)
     if meta.get("level", 0) == 2:
         check("weights", lambda: (restore._check_weights(meta, snapshot),
                                   f"{len(meta['weights']['files'])} files, sizes and tensor table as recorded")[1])
@@ -82,7 +91,7 @@ def inspect_snapshot(snapshot: Path) -> dict:
         "versions": meta.get("versions", {}), "pids": meta["tree"]["pids"],
         "canary": {"prompt": canary.get("prompt"), "completion": canary.get("completion"),
                    "tokens": len(canary.get("token_ids") or []), "tolerance": canary.get("tolerance")},
-        "checks": [c.to_json() for c in checks], "restorable": not fatal,
+        "host": host_rows, "checks": [c.to_json() for c in checks], "restorable": not fatal,
     }
 
 
@@ -110,6 +119,8 @@ def render(info: dict) -> list[str]:
         f"canary     {info['canary']['completion']!r} ({info['canary']['tokens']} tokens, "
         f"log-probabilities within {info['canary']['tolerance']})",
     ]
+    lines.append("host       the snapshot's host against this one:")
+    lines += host_compat.render_comparison(info["host"])
     for c in info["checks"]:
         mark = "ok  " if c["ok"] else ("FAIL" if c["fatal"] else "warn")
         lines.append(f"[{mark}] {c['name']}: {c['detail']}" + ("" if c["ok"] or not c["fix"] else f" -> {c['fix']}"))

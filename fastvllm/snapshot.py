@@ -113,6 +113,7 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
     spec = server.ServerSpec(model=model, port=port, host=host, extra_args=args, api_key=key)
     tmp = manifest.prepare_target(out)
     gc.register_partial(tmp)  # the backstop: `fastvllm gc` removes it once we are dead
+    sweep = gc.collect_in_background("snapshot")  # others' debris, while our server starts
     # SIGKILL runs no clean-up here: the watcher kills the server we start and removes the
     # partial directory if this process dies before the end (orphan_guard.py).
     guard = OrphanGuard().start()
@@ -223,6 +224,8 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
         raise
     finally:
         guard.release()
+        if sweep is not None:
+            sweep.join(timeout=30)
 
 
 def _record_weights(model_dir: Path, tmp: Path, copy: bool) -> dict:

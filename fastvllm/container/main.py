@@ -51,7 +51,10 @@ def run(cfg: Config) -> int:
     from ..criu_ops import find_criu
     from ..snapshot import resolve_model
 
+    from ..gc import collect_in_background
+
     model = resolve_model(cfg.model)
+    collect_in_background("entrypoint")  # debris of a previous container killed mid-restore
     try:
         criu = find_criu()
     except FastvllmError as exc:
@@ -77,8 +80,8 @@ def run(cfg: Config) -> int:
     try:
         taken = take_snapshot(model, path, cfg.port, cfg.server_args(), progress, level=cfg.snapshot_level,
                               host=cfg.host, api_key=cfg.api_key)
-    except (FastvllmError, OSError) as exc:
-        say(f"snapshot not created ({exc}); cold-starting")
+    except Exception as exc:  # noqa: BLE001 - PID 1 always serves: any failure means a cold start
+        say(f"snapshot not created ({_reason(exc)}); cold-starting")
         return _cold_start(cfg, model, progress, follower)
     say(f"snapshot created at {path}; cold start's first token after {taken['timings']['first_token_s']:.2f} s")
     served = _try_restore(path, cfg, model, progress, follower)
@@ -99,13 +102,20 @@ def _try_restore(path: Path, cfg: Config, model: str, progress: Progress, follow
                 follower.skip_to(item["path"], int(item.get("size", 0)))
         result = restore_snapshot(path, progress, prefetch_mode="overlap", measure_residency=False,
                                   host=cfg.host, port=cfg.port, api_key=cfg.api_key)
-    except (FastvllmError, OSError) as exc:
-        reason = exc.message if isinstance(exc, FastvllmError) else f"{exc.__class__.__name__}: {exc}"
-        say(f"snapshot {path} not used: {reason}; cold-starting (the snapshot is left as it is)")
+    except Exception as exc:  # noqa: BLE001 - PID 1 always serves: any refusal or failure means a cold start
+        say(f"snapshot {path} not used: {_reason(exc)}; cold-starting (the snapshot is left as it is)")
         return None
     say(f"restored: canary matches; first token after {result['timings']['first_token_s']:.2f} s "
          f"(since the entrypoint started)")
     return result["pids"][0]
+
+
+def _reason(exc: Exception) -> str:
+    """One line for the log: a FastvllmError's own message, else the exception's type and text
+    (a malformed manifest field, an HTTP error from the restored server)."""
+    if isinstance(exc, FastvllmError):
+        return exc.message
+    return f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}"
 
 
 def _cold_start(cfg: Config, model: str, progress: Progress, follower: "LogFollower | None" = None) -> int:

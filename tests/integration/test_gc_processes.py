@@ -155,3 +155,31 @@ def test_cli_dry_run_on_the_real_dev_shm_removes_nothing(run_dir):
     shm = [i["path"] for i in out["removed"] if i["kind"] == "shm"]
     assert all(os.path.exists(p) for p in shm)  # reported, not removed
     assert all(gc.SHM_NAME.match(Path(p).name) for p in shm)
+
+
+def test_snapshot_sweeps_debris_by_itself(run_dir, tmp_path, shm, spawn, tiny_model):
+    """`fastvllm snapshot` runs the same sweep in the background while its server starts:
+    a partial left by a SIGKILLed snapshot is gone after the next snapshot, even one that
+    fails (here on a bad vLLM argument), without anyone running `fastvllm gc`."""
+    partial = tmp_path / ".old.partial-0badf00d"
+    (partial / "criu").mkdir(parents=True)
+    (partial / "criu" / "pages-1.img").write_bytes(os.urandom(1 << 20))
+    creator = spawn(REGISTER, str(partial))
+    creator.send_signal(signal.SIGKILL)
+    creator.wait()
+    env = dict(os.environ, FASTVLLM_RUN_DIR=str(run_dir), FASTVLLM_GC_SHM_DIR=str(shm))
+    proc = subprocess.run([sys.executable, "-m", "fastvllm.cli", "snapshot", tiny_model, "--out",
+                           str(tmp_path / "new"), "--", "--no-such-vllm-flag"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode != 0
+    assert not partial.exists(), proc.stderr[-2000:]
+    assert f"gc (snapshot): removed 1 leftovers of killed commands" in proc.stderr, proc.stderr[-2000:]
+    off = tmp_path / ".off.partial-0badf00d"
+    off.mkdir()
+    creator = spawn(REGISTER, str(off))
+    creator.send_signal(signal.SIGKILL)
+    creator.wait()
+    proc = subprocess.run([sys.executable, "-m", "fastvllm.cli", "snapshot", tiny_model, "--out",
+                           str(tmp_path / "new"), "--", "--no-such-vllm-flag"], capture_output=True, text=True,
+                          env=dict(env, FASTVLLM_AUTO_GC="0"), timeout=600)
+    assert off.exists(), "FASTVLLM_AUTO_GC=0 still swept"

@@ -94,6 +94,26 @@ def test_a_host_without_the_snapshots_cpu_flags_is_refused(cli, tiny_snapshot_l1
     _nothing_running(meta, port)
 
 
+def test_inspect_and_doctor_show_the_host_comparison(cli, tiny_snapshot_l1):
+    """`inspect` and `doctor --snapshot` compare the snapshot's recorded host with this one,
+    field by field: all the same here; a node lacking a flag shows it fatal and exits 1."""
+    snap, _ = tiny_snapshot_l1
+    info = cli.json("inspect", str(snap))
+    assert {r["field"]: r["status"] for r in info["host"]}["cpu_flags"] == "same"
+    assert all(r["status"] == "same" for r in info["host"]), info["host"]
+    fake = {"FASTVLLM_FAKE_CPU_FLAGS": "-sse2"}
+    proc = cli("inspect", str(snap), env=fake, check=False)
+    assert proc.returncode == 1
+    assert "fatal cpu_flags" in proc.stdout and "missing here: sse2" in proc.stdout, proc.stdout
+    assert "restorable here: no" in proc.stdout
+    proc = cli("doctor", "--json", "--snapshot", str(snap), env=fake, check=False)
+    report = json.loads(proc.stdout)
+    assert {r["field"]: r["status"] for r in report["host"]}["cpu_flags"] == "fatal"
+    host_check = next(c for c in report["checks"] if c["name"] == "host")
+    assert not host_check["ok"] and "sse2" in host_check["detail"]
+    assert proc.returncode == 1
+
+
 def test_two_restores_of_one_snapshot_at_once(cli, tiny_snapshot_l1):
     """Two restores of one snapshot started together: one serves, the other gets one line
     (the restore lock, naming the first, or the PIDs the first now holds) and the winner's

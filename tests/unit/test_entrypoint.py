@@ -135,6 +135,22 @@ def test_a_corrupt_snapshot_is_reported_in_one_line_and_left_untouched(model_dir
     assert after == before
 
 
+def test_any_failure_of_a_restore_is_one_line_and_a_cold_start(model_dir, tmp_path, capsys):
+    """Not only fastvllm's own refusals: a manifest field of the wrong type (an AttributeError
+    deep in the restore) also gives one line and None, never a crash of PID 1."""
+    cfg = Config(model=str(model_dir), snapshot_root=tmp_path / "snaps")
+    snap = tmp_path / "snaps" / "tiny-0"
+    snap.mkdir(parents=True, mode=0o700)
+    (snap / manifest.MANIFEST).write_text(json.dumps({
+        "format": manifest.FORMAT, "format_version": manifest.FORMAT_VERSION, "model": str(model_dir),
+        "level": cfg.snapshot_level, "server": {"port": 8000, "extra_args": cfg.server_args()}, "canary": {},
+        "tree": {"pids": []}, "files": {}, "external_files": [42]}))
+    follower = logs.LogFollower()
+    assert main._try_restore(snap, cfg, str(model_dir), main.Progress(quiet=True), follower) is None
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "not used: AttributeError:" in lines[0] and "cold-starting" in lines[0], lines
+
+
 def test_log_follower_continues_a_put_back_log(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("FASTVLLM_RUN_DIR", str(tmp_path / "run"))
     follower = logs.LogFollower()

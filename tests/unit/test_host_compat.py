@@ -115,3 +115,18 @@ def test_an_older_manifests_versions_are_compared_too():
                         "torch": "2.13.0", "fastvllm": "0.1.0"}
     assert host_compat.compare(recorded, _host()) == []
     assert [(m.field, m.fatal) for m in host_compat.compare(recorded, _host(vllm="0.33.0"))] == [("vllm", True)]
+
+
+def test_comparison_rows_carry_every_field_with_its_status():
+    recorded = _host()
+    here = _host(cpu_flags=[f for f in recorded["cpu_flags"] if f != "avx512f"], kernel="7.0.0")
+    del recorded["gpu_driver"]
+    rows = {r["field"]: r for r in host_compat.comparison(recorded, here)}
+    assert list(rows) == list(host_compat.FIELDS)
+    assert rows["cpu_flags"]["status"] == "fatal" and "avx512f" in rows["cpu_flags"]["why"]
+    assert rows["kernel"]["status"] == "warn"
+    assert rows["python"]["status"] == "same"
+    assert rows["gpu_driver"]["status"] == "not recorded"
+    lines = host_compat.render_comparison(list(rows.values()))
+    assert lines[0].startswith("  fatal cpu_flags") and any(ln.startswith("  warn  kernel") for ln in lines)
+    assert lines[-1].startswith("  same  ") and "python" in lines[-1]
