@@ -81,25 +81,14 @@ def shm_paths_of(pids: list[int]) -> set[str]:
 
 def _shm_inodes(pid: int) -> set[int]:
     """Inodes of the /dev/shm files ``pid`` maps or holds open, under any name or none."""
-    out = set()
-    try:
-        with open(f"/proc/{pid}/maps") as fh:
-            for line in fh:
-                parts = line.split(maxsplit=5)
-                if len(parts) == 6 and parts[5].startswith(str(SHM_DIR) + "/"):
-                    out.add(int(parts[4]))
-    except OSError:
-        pass
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return out
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(str(SHM_DIR) + "/"):
-                out.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
-        except OSError:
-            continue
+    shm = str(SHM_DIR) + "/"
+    out = {inode for path, inode in _map_entries(pid) if path.startswith(shm)}
+    for link, target in _fd_entries(pid):
+        if target.startswith(shm):
+            try:
+                out.add(os.stat(link).st_ino)
+            except OSError:
+                continue
     return out
 
 
@@ -134,31 +123,42 @@ def link_remaps_in_shm() -> set[str]:
         return set()
 
 
-def _fd_targets(pid: int) -> set[str]:
-    out = set()
+def _fd_entries(pid: int) -> list[tuple[str, str]]:
+    """(``/proc/PID/fd/N``, what it points to) for each open fd of ``pid``."""
+    out = []
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return out
     for fd in fds:
+        link = f"/proc/{pid}/fd/{fd}"
         try:
-            out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            out.append((link, os.readlink(link)))
         except OSError:
             continue
     return out
 
 
-def _mapped_files(pid: int) -> set[str]:
-    out = set()
+def _fd_targets(pid: int) -> set[str]:
+    return {target for _, target in _fd_entries(pid)}
+
+
+def _map_entries(pid: int) -> list[tuple[str, int]]:
+    """(path, inode) of each file-backed mapping of ``pid`` (path as maps shows it)."""
+    out = []
     try:
         with open(f"/proc/{pid}/maps") as fh:
             for line in fh:
                 parts = line.split(maxsplit=5)
                 if len(parts) == 6 and parts[5].startswith("/"):
-                    out.add(parts[5].rstrip("\n"))
+                    out.append((parts[5].rstrip("\n"), int(parts[4])))
     except OSError:
         pass
     return out
+
+
+def _mapped_files(pid: int) -> set[str]:
+    return {path for path, _ in _map_entries(pid)}
 
 
 def save(paths: set[str], dest: Path, keep_existing: set[str] = frozenset()) -> list[SavedFile]:
