@@ -19,9 +19,10 @@ Every failure the server reports is one :class:`ServerFailed` line.
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import PackageNotFoundError, version
 
-from .errors import ServerFailed
+from .errors import FastvllmError, ServerFailed
 from .inside_vllm.control import ClientEnd, ControlError
 
 SLEEP_LEVELS = (1, 2)
@@ -83,8 +84,18 @@ def worker_rpc(channel: ClientEnd, method: str, request: dict | None = None) -> 
     return call(channel, "rpc", method=method, request=request or {})["workers"]
 
 
-def privatize(channel: ClientEnd) -> dict:
+PRIVATIZE_POLICIES = ("idle", "normal")
+
+
+def privatize(channel: ClientEnd, policy: str | None = None) -> dict:
     """After an mmap restore: have every worker copy its page-image mappings into private
     memory in the background (``FastvllmWorkerExtension.fastvllm_privatize``); returns at
-    once with what each worker will copy."""
-    return {"workers": worker_rpc(channel, "fastvllm_privatize")}
+    once with what each worker will copy. ``policy`` (default ``$FASTVLLM_PRIVATIZE_POLICY``,
+    else ``idle``): ``idle`` runs the copy under SCHED_IDLE, on CPU time the first requests
+    leave unused; ``normal`` lets it compete with them. Read here, not in the worker: a
+    restored worker has the snapshot's environment, not this command's."""
+    policy = policy or os.environ.get("FASTVLLM_PRIVATIZE_POLICY", "idle")
+    if policy not in PRIVATIZE_POLICIES:
+        raise FastvllmError(f"FASTVLLM_PRIVATIZE_POLICY={policy!r} is not one of {', '.join(PRIVATIZE_POLICIES)}",
+                            fix="use idle (the default) or normal")
+    return {"workers": worker_rpc(channel, "fastvllm_privatize", {"policy": policy}), "policy": policy}

@@ -374,7 +374,7 @@ def restore_one(snapshot: Path, progress: Progress | None = None, verify_canary:
         if root_pid is not None:
             registry.remove(root_pid)
             server.kill_tree(server.tree_pids(root_pid) or [root_pid])
-        external_files.remove(p for p in written if p.startswith(str(external_files.SHM_DIR)))
+        _remove_put_back(written)
         raise
     finally:
         if orphan_guard:
@@ -404,6 +404,20 @@ def restore_one(snapshot: Path, progress: Progress | None = None, verify_canary:
     return result
 
 
+def _remove_put_back(written: list[str]) -> None:
+    """Remove the /dev/shm objects this restore put back, under the host's CRIU-names lock:
+    outside it, another tree's restore may have put back a file of the same name (CRIU's
+    link_remap.N names repeat across trees) and would lose it to us."""
+    shm = [p for p in written if p.startswith(str(external_files.SHM_DIR))]
+    if not shm:
+        return
+    try:
+        with locks.criu_names_lock(what="restore clean-up (removing /dev/shm objects put back)"):
+            external_files.remove(shm)
+    except FastvllmError as exc:  # the lock stayed busy: leave them to `fastvllm gc`
+        print(f"fastvllm: {exc.message}; /dev/shm objects left for fastvllm gc", file=sys.stderr)
+
+
 def _start_privatize(channel, wanted: bool) -> dict:
     """Start copying the workers' mapped weights into private memory, in the background.
 
@@ -416,11 +430,12 @@ def _start_privatize(channel, wanted: bool) -> dict:
     if not wanted:
         return {"started": False, "why": "--no-privatize"}
     try:
-        workers = engine.privatize(channel)["workers"]
+        started = engine.privatize(channel)
+        workers = started["workers"]
     except FastvllmError as exc:
         print(f"fastvllm: privatize: {exc.message}; the server keeps its mapped pages", file=sys.stderr)
         return {"started": False, "why": exc.message}
-    return {"started": True, "bytes": sum(int(w.get("bytes", 0)) for w in workers)}
+    return {"started": True, "policy": started["policy"], "bytes": sum(int(w.get("bytes", 0)) for w in workers)}
 
 
 def _resident(files: list[Path]) -> tuple[int, int] | None:

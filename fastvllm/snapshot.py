@@ -122,7 +122,6 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
     proc = None
     pids: list[int] = []
     shm: set[str] = set()
-    remaps_before = external_files.link_remaps_in_shm()  # other trees' files: never ours to remove
     try:
         with progress.step(f"starting vLLM server for {model} (unbound) and warming it up"):
             ready = server.start_unbound(spec, log_path, "snapshot", progress.elapsed)
@@ -161,17 +160,27 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
             # One dump per host: CRIU names the link_remap files it makes in /dev/shm
             # link_remap.N, and the files new since here are taken as this tree's own.
             remaps_before = external_files.link_remaps_in_shm()
-            criu_ops.dump_tree(criu, proc.pid, tmp / manifest.CRIU_DIR)
-            proc.wait(timeout=30)  # CRIU killed the tree after dumping it
-            still = criu_ops.wait_pids_free(pids, timeout=10)
-            if still:
-                raise FastvllmError(f"processes {sorted(still)} survived the dump", fix="report this with the CRIU log")
-            shm |= external_files.link_remaps_in_shm() - remaps_before
-            saved = external_files.save(shm | {str(log_path)} | kernels, tmp / manifest.EXTERNAL_DIR,
-                                        keep_existing=kernels)
-            # The tree is gone and its objects are saved: remove them while the lock is held,
-            # so the next dump or restore on this host finds CRIU's names free.
-            external_files.remove(shm)
+            try:
+                criu_ops.dump_tree(criu, proc.pid, tmp / manifest.CRIU_DIR)
+            except BaseException:
+                # The remap links this failed dump made are ours only while the lock is held:
+                # a moment later another tree's restore may put back a file of the same name.
+                external_files.remove(external_files.link_remaps_in_shm() - remaps_before)
+                raise
+            try:
+                proc.wait(timeout=30)  # CRIU killed the tree after dumping it
+                still = criu_ops.wait_pids_free(pids, timeout=10)
+                if still:
+                    raise FastvllmError(f"processes {sorted(still)} survived the dump",
+                                        fix="report this with the CRIU log")
+                remaps = external_files.link_remaps_in_shm() - remaps_before
+                saved = external_files.save(shm | remaps | {str(log_path)} | kernels, tmp / manifest.EXTERNAL_DIR,
+                                            keep_existing=kernels)
+            finally:
+                # The tree is gone (its objects saved, or the snapshot failing): remove them
+                # while the lock is held, so the next dump or restore on this host finds
+                # CRIU's names free and never loses a file of the same name to us.
+                external_files.remove(shm | (external_files.link_remaps_in_shm() - remaps_before))
         dump_s = time.monotonic() - t_dump
         with progress.step("sealing the CRIU images (digests, read-only)"):
             sealed = integrity.seal(tmp / manifest.CRIU_DIR)
@@ -207,7 +216,6 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
                 "timings": timings,
             })
         gc.unregister_partial(tmp)
-        external_files.remove(shm)
         registry.remove(proc.pid)
         remove_dir(Path(spec.control_dir))  # every restore re-creates it, empty
         return {"snapshot": str(out), "image_bytes": written["image_bytes"], "level": level,
@@ -219,8 +227,10 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
         if proc is not None:
             server.stop_tree(proc.pid, pids or None, timeout=20)
             registry.remove(proc.pid)
-            # A tree killed by CRIU (or SIGKILL) cannot clean its own /dev/shm objects.
-            external_files.remove(shm | (external_files.link_remaps_in_shm() - remaps_before))
+            # A tree killed by CRIU (or SIGKILL) cannot clean its own /dev/shm objects. CRIU's
+            # remap links are removed under the lock, above: outside it, a link_remap.N that
+            # is new since the dump may be another tree's restore's (seen in a ladder run).
+            external_files.remove(shm)
         raise
     finally:
         guard.release()

@@ -25,6 +25,7 @@ import ctypes
 import gc
 import json
 import os
+import threading
 import time
 
 import torch
@@ -150,6 +151,7 @@ class FastvllmWorkerExtension:
         state = {"ranges": len(ranges), "bytes": sum(end - start for start, end in ranges), "errors": 0}
 
         def work():
+            _lower_this_thread(req.get("policy", "normal"))
             libc = ctypes.CDLL("libc.so.6", use_errno=True)
             libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
             chunk = 64 << 20
@@ -209,6 +211,14 @@ class FastvllmWorkerExtension:
 
 
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+def _lower_this_thread(policy: str) -> None:
+    """Give the calling thread the scheduling ``policy`` (idle or normal); never fails."""
+    if policy != "idle":
+        return
+    try:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
 
 
 def _image_mappings(pid: int) -> list[tuple[int, int]]:
