@@ -139,8 +139,14 @@ def _held(path: Path, *, what: str, fix: str, wait_s: float = 0.0) -> Iterator[d
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise
                 if time.monotonic() >= deadline:
-                    waited = f" (waited {wait_s:g} s)" if wait_s else ""
                     record = _read_record(fd, wait=True)
+                    if record.get("pid") and not _alive(int(record["pid"])) \
+                            and time.monotonic() < deadline + HANDOVER_WAIT_S:
+                        # Its holder was killed; the orphan guard that inherited the lock is
+                        # still cleaning up after it (orphan_guard.py): a second or so.
+                        time.sleep(0.05)
+                        continue
+                    waited = f" (waited {wait_s:g} s)" if wait_s else ""
                     raise LockBusy(f"another {record.get('what') or what} is running{waited}: {_describe(record)}",
                                    fix=fix) from None
                 time.sleep(0.05)
@@ -149,11 +155,24 @@ def _held(path: Path, *, what: str, fix: str, wait_s: float = 0.0) -> Iterator[d
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         try:
-            yield me
+            yield {**me, "fd": fd}  # the fd lets an orphan guard inherit the lock
         finally:
             os.ftruncate(fd, 0)  # still ours: the record goes before the lock does
     finally:
         os.close(fd)  # releases the flock
+
+
+HANDOVER_WAIT_S = 30.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _read_record(fd: int, wait: bool = False) -> dict:

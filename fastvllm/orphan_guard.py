@@ -50,8 +50,12 @@ GONE_TIMEOUT_S = 10.0
 class OrphanGuard:
     """The command's end: start the watcher, tell it what is at stake, release it."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold_fds: tuple[int, ...] = ()) -> None:
+        """``hold_fds``: lock fds the watcher inherits, so that a lock the command holds
+        (the snapshot's restore lock) stays held until the watcher has cleaned up after
+        the command's death, and no new restore of that snapshot starts in the middle."""
         self.proc: subprocess.Popen | None = None
+        self.hold_fds = tuple(hold_fds)
 
     def start(self) -> "OrphanGuard":
         from .paths import logs_dir
@@ -64,7 +68,7 @@ class OrphanGuard:
             self.proc = subprocess.Popen([sys.executable, "-m", "fastvllm.orphan_guard", str(os.getpid()), str(me),
                                           str(_now_ticks() - _clock_ticks())],
                                          stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log,
-                                         start_new_session=True, close_fds=True, pass_fds=(me,),
+                                         start_new_session=True, close_fds=True, pass_fds=(me, *self.hold_fds),
                                          cwd=str(Path(__file__).resolve().parent.parent))
         finally:
             log.close()
@@ -152,6 +156,13 @@ def _is_fastvllm(pid: int) -> bool:
         return False
 
 
+def _orphaned(parent: int) -> bool:
+    """Is a CRIU process with this parent an orphan? Its parent is neither a fastvllm
+    command (another command's CRIU) nor a CRIU (the tasks a live CRIU is restoring, whose
+    names are "criu" until CRIU gives them theirs back)."""
+    return not _is_fastvllm(parent) and _comm(parent) != "criu"
+
+
 def _children(pid: int) -> list[int]:
     out: list[int] = []
     try:
@@ -212,7 +223,7 @@ class _Watch:
             st = _stat(pid)
             if not st or st[2] < self.since:
                 continue
-            if st[1] in sessions or (_comm(pid) == "criu" and not _is_fastvllm(st[0])):
+            if st[1] in sessions or (_comm(pid) == "criu" and _orphaned(st[0])):
                 # A CRIU started since we began whose fastvllm parent is gone was the dead
                 # command's (the watcher may have started too late to see it as a child).
                 found.add(pid)

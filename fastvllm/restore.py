@@ -206,8 +206,13 @@ def restore_snapshot(snapshot: Path, *args, **kwargs) -> dict:
     """:func:`restore_one` under the snapshot's restore lock: one restore of a snapshot per
     host at a time. Two at once would put back the same /dev/shm objects and the loser's
     clean-up would unlink the winner's; the second gets one line naming the first."""
-    with locks.restore_lock(Path(snapshot).absolute()):
-        return restore_one(snapshot, *args, **kwargs)
+    with locks.restore_lock(Path(snapshot).absolute()) as lock:
+        # SIGKILL runs no clean-up in this process: if it dies before the server is bound,
+        # the watcher kills CRIU and the PIDs it restores and removes what was put back
+        # (orphan_guard.py). It inherits the lock, so the next restore of this snapshot
+        # waits for that clean-up instead of racing it for the same PIDs and names.
+        with OrphanGuard(hold_fds=(lock["fd"],)) as guard:
+            return restore_one(snapshot, *args, guard=guard, **kwargs)
 
 
 class _NoGuard:
@@ -221,7 +226,7 @@ def restore_one(snapshot: Path, progress: Progress | None = None, verify_canary:
                      cold: bool = False, drop_caches: bool = False, measure_residency: bool = True,
                      memory: str = "auto", privatize: bool = True, host: str | None = None,
                      port: int | None = None, api_key: str | None = None, trust_images: bool = False,
-                     orphan_guard: bool = True) -> dict:
+                     guard: "OrphanGuard | None" = None) -> dict:
     """Restore ``snapshot``, serving on ``host:port`` (default: the snapshot's), and return
     endpoint, PIDs and timings (seconds since start).
 
@@ -238,8 +243,8 @@ def restore_one(snapshot: Path, progress: Progress | None = None, verify_canary:
     ~50 ms before CRIU starts, so callers that do not show it turn it off. ``memory`` is the
     CRIU memory engine (:func:`choose_memory`); after an ``mmap`` restore ``privatize``
     copies the mapped weights into private memory in the background (decode speed).
-    ``orphan_guard=False`` skips the watcher that cleans up after a SIGKILL (for a caller
-    that is PID 1 of a container, whose death takes the whole tree with it).
+    ``guard`` (a started :class:`OrphanGuard`) is told the PIDs and files at stake, for
+    the clean-up after a SIGKILL (:func:`restore_snapshot` starts one).
     """
     from . import prefetch
     from .inside_vllm.control import prepare_dir
@@ -292,9 +297,7 @@ def restore_one(snapshot: Path, progress: Progress | None = None, verify_canary:
     level = meta.get("level", 0)
     checksums = _ChecksumCheck(meta["weights"], snapshot) if level == 2 else None
     timings: dict[str, float] = {}
-    # SIGKILL runs no clean-up here: if this process dies before the server is bound, the
-    # watcher kills CRIU and the PIDs it restores and removes what was put back (orphan_guard.py).
-    guard = OrphanGuard().start() if orphan_guard else _NoGuard()
+    guard = guard or _NoGuard()
     guard.watch_pids(pids)
     try:
         if checksums:
@@ -376,9 +379,6 @@ def restore_one(snapshot: Path, progress: Progress | None = None, verify_canary:
             server.kill_tree(server.tree_pids(root_pid) or [root_pid])
         _remove_put_back(written)
         raise
-    finally:
-        if orphan_guard:
-            guard.release()
     if prefetcher is not None:
         prefetcher.wait(timeout=30)  # it reads what restore already read: nearly always done
         st = prefetcher.stats

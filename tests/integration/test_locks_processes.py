@@ -81,3 +81,42 @@ def test_a_child_started_under_the_lock_does_not_keep_it(run_dir, tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie no longer holds anything
+    except FileNotFoundError:
+        return False
+
+
+HANDS_OVER = """
+import subprocess, sys, time
+from pathlib import Path
+from fastvllm import locks
+with locks.restore_lock(Path(sys.argv[1])) as lock:
+    heir = subprocess.Popen(["sleep", "2"], pass_fds=(lock["fd"],), start_new_session=True)
+    print(heir.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_lock_inherited_by_a_cleaner_is_waited_for_after_its_holder_is_killed(run_dir, tmp_path):
+    """As the orphan guard inherits a restore's lock: the holder SIGKILLed, the heir keeps the
+    lock until it is done; the next restore waits for it (its record names a dead PID)
+    instead of failing or starting in the middle of the clean-up."""
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HANDS_OVER, str(snap)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ))
+    heir = int(holder.stdout.readline())
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    assert locks.holder(locks.restore_lock_path(snap)) is not None, "the heir holds it"
+    start = time.monotonic()
+    with locks.restore_lock(snap) as me:
+        waited = time.monotonic() - start
+        assert me["pid"] == os.getpid()
+        assert not _running(heir), "taken while the heir still held it"
+    assert 0.5 < waited < 10, waited
