@@ -53,7 +53,12 @@ def preflight(snapshot: Path, criu: criu_ops.Criu | None = None, host: str | Non
     if meta.get("level", 0) == 2:
         _check_weights(meta, snapshot)
     _check_memory(meta)
-    server.ensure_port_free(*bind_address(meta, host, port))
+    bind_host, bind_port = bind_address(meta, host, port)
+    if bind_port in (meta["tree"].get("listen_ports") or ()):
+        raise FastvllmError(f"port {bind_port} is one the snapshot's own processes listen on (vLLM's internal "
+                            "sockets, which CRIU restores at the same numbers)",
+                            fix="pick another --port")
+    server.ensure_port_free(bind_host, bind_port)
     pids = meta["tree"]["pids"]
     busy = criu_ops.wait_pids_free(pids, timeout=5)
     if busy:
@@ -321,6 +326,9 @@ def restore_one(snapshot: Path, progress: Progress | None = None, verify_canary:
                                            how="restore", log=meta.get("log", ""), snapshot=str(snapshot),
                                            control=spec.control_dir))
         channel = server.channel(spec.control_dir, root_pid)
+        if memory_record["engine"] == "mmap" and os.environ.get("FASTVLLM_POPULATE", "0") == "1":
+            with progress.step("mapping the image pages in (MADV_POPULATE_READ)"):
+                memory_record["populate"] = _populate(channel)
         if level in engine.SLEEP_LEVELS:
             if level == 1:
                 what = "re-allocating the KV cache (level 1: the weights are in the image)"
@@ -416,6 +424,17 @@ def _remove_put_back(written: list[str]) -> None:
             external_files.remove(shm)
     except FastvllmError as exc:  # the lock stayed busy: leave them to `fastvllm gc`
         print(f"fastvllm: {exc.message}; /dev/shm objects left for fastvllm gc", file=sys.stderr)
+
+
+def _populate(channel) -> dict:
+    """Have every worker map its page-image pages now (``fastvllm_populate``); never fails
+    a restore (a snapshot from an older fastvllm has no such method)."""
+    try:
+        workers = engine.worker_rpc(channel, "fastvllm_populate")
+    except FastvllmError as exc:
+        return {"done": False, "why": exc.message}
+    return {"done": True, "bytes": sum(int(w.get("bytes", 0)) for w in workers),
+            "seconds": max((float(w.get("seconds", 0)) for w in workers), default=0.0)}
 
 
 def _start_privatize(channel, wanted: bool) -> dict:

@@ -128,8 +128,24 @@ def _port_owner(port: int) -> str:
     return ""
 
 
+FREE_PORT_RANGE = (20000, 32767)  # below Linux's ephemeral range (32768-60999 by default)
+
+
 def free_port() -> int:
-    """An unused loopback port (for tests and benchmarks)."""
+    """An unused loopback port (for tests and benchmarks), below the kernel's ephemeral
+    range: a port the kernel hands out for bind(0) may be one a snapshot's worker listened
+    on, which CRIU restores at the same number (seen: a restore bound to such a port met
+    its own worker's restored listener)."""
+    import random
+
+    for _ in range(100):
+        port = random.randint(*FREE_PORT_RANGE)
+        with socket.socket() as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
@@ -328,6 +344,21 @@ def tree_pids(root_pid: int) -> list[int]:
         return [root_pid] + [p.pid for p in root.children(recursive=True)]
     except psutil.Error:
         return []
+
+
+def tree_listen_ports(pids: list[int]) -> list[int]:
+    """TCP ports the tree listens on (vLLM's workers and engine open some on ephemeral
+    ports). CRIU restores them at the same numbers, so a restore must not be asked to bind
+    the API on one of them."""
+    wanted = set(pids)
+    ports = set()
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.pid in wanted and conn.status == psutil.CONN_LISTEN and conn.laddr:
+                ports.add(conn.laddr.port)
+    except psutil.Error:
+        pass
+    return sorted(ports)
 
 
 def tree_anon_huge_kib(pids: list[int]) -> int:

@@ -150,6 +150,7 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
 
         pids = server.tree_pids(proc.pid)
         anon_huge_kib = server.tree_anon_huge_kib(pids)
+        listen_ports = server.tree_listen_ports(pids)
         shm = external_files.shm_paths_of(pids)
         guard.remove_paths(sorted(shm))
         kernels = external_files.compile_cache_paths_of(pids, external_files.compile_cache_roots(spec.environment()))
@@ -209,7 +210,8 @@ def take_snapshot(model: str, out: Path | None = None, port: int = server.DEFAUL
                 "model_identity": model_id,
                 "canary": {**canary.request(), "completion": recorded["text"],
                            "token_ids": recorded["token_ids"], "logprobs": recorded["logprobs"]},
-                "tree": {"root_pid": proc.pid, "pids": pids, "anon_huge_kib": anon_huge_kib},
+                "tree": {"root_pid": proc.pid, "pids": pids, "anon_huge_kib": anon_huge_kib,
+                         "listen_ports": listen_ports},
                 "log": str(log_path),
                 "external_files": [item.to_json() for item in saved],
                 "images": sealed,

