@@ -348,16 +348,10 @@ def doctor(as_json: bool = typer.Option(False, "--json"),
            snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="Also compare this snapshot's recorded "
                                                    "host (CPU, flags, kernel, versions, GPU) with this one.")):
     """Check CRIU, kernel, io_uring, vmtouch, vLLM and GPU tooling; each problem with its fix."""
-    from .doctor import host_comparison, run_checks
+    from .doctor import run_checks_and_compare
 
-    checks = run_checks(snapshot)
+    checks, rows = run_checks_and_compare(snapshot)  # rows: None without --snapshot or if unreadable
     fatal = [c for c in checks if not c.ok and c.fatal]
-    rows = None
-    if snapshot is not None:
-        try:
-            rows = host_comparison(snapshot)
-        except FastvllmError:
-            rows = None  # the host check above already says why
     if as_json:
         print(json.dumps({"ok": not fatal, "checks": [c.to_json() for c in checks],
                           **({"host": rows} if rows is not None else {})}))

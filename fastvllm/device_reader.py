@@ -277,11 +277,7 @@ def stream_to_device(plan: WeightPlan, threads: int, buffers: int, engine: Devic
             del out, raw
         finish_through(len(pieces) - 1)
     finally:
-        if slices is not None:
-            slices.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
-        if source is not None:
-            source.close()
+        weights.stop_reading(slices, pool, source)
         if lent:
             # Copies issued out of a piece that was not finished (the consumer stopped
             # early) have no buffer event yet: one event after everything issued covers all.

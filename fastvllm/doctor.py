@@ -33,21 +33,18 @@ class Check:
 
 
 def run_checks(snapshot: Path | None = None) -> list[Check]:
+    return run_checks_and_compare(snapshot)[0]
+
+
+def run_checks_and_compare(snapshot: Path | None = None) -> tuple[list[Check], list[dict] | None]:
+    """Every check; with ``snapshot`` also its host comparison rows (None if unreadable)."""
     checks = [_privileges()]
     checks += _criu()
     checks += [_kernel(), _io_uring(), _pycriu(), _vmtouch(), _shm(), _run_dir(), _vllm()]
     checks += _gpu()
-    checks.append(_host(snapshot))
-    return checks
-
-
-def host_comparison(snapshot: Path) -> list[dict]:
-    """The snapshot's recorded host against this one, field by field (see host_compat)."""
-    from . import host_compat, manifest
-
-    meta = manifest.load(snapshot, verify=False)
-    recorded = meta.get("host") or host_compat.facts_from_versions(meta.get("versions", {}))
-    return host_compat.comparison(recorded, _this_host())
+    host, rows = _host(snapshot)
+    checks.append(host)
+    return checks, rows
 
 
 def _this_host() -> dict:
@@ -60,26 +57,31 @@ def _this_host() -> dict:
     return host_compat.host_facts(criu_version)
 
 
-def _host(snapshot: Path | None) -> Check:
+def _host(snapshot: Path | None) -> tuple[Check, list[dict] | None]:
     """What a snapshot taken here records about the host; with ``snapshot``, whether that
-    snapshot's host and this one agree where a restore needs them to."""
+    snapshot's host and this one agree where a restore needs them to (and the rows)."""
+    from . import host_compat, manifest
+
     here = _this_host()
     summary = (f"{here['cpu_vendor']} {here['cpu_model']}, {len(here['cpu_flags'])} CPU flags, kernel {here['kernel']}, "
                f"python {here['python']}, torch {here['torch']}, vLLM {here['vllm']}, GPU {here['gpu_name'] or 'none'}")
     if snapshot is None:
-        return Check("host", True, summary, fatal=False)
+        return Check("host", True, summary, fatal=False), None
     try:
-        rows = host_comparison(snapshot)
+        meta = manifest.load(snapshot, verify=False)
     except FastvllmError as exc:
-        return Check("host", False, exc.message, fix=exc.fix or "", fatal=True)
+        return Check("host", False, exc.message, fix=exc.fix or "", fatal=True), None
+    recorded = meta.get("host") or host_compat.facts_from_versions(meta.get("versions", {}))
+    rows = host_compat.comparison(recorded, here)
     fatal = [r for r in rows if r["status"] == "fatal"]
     warn = [r for r in rows if r["status"] == "warn"]
     if fatal:
         return Check("host", False, f"{snapshot} cannot be restored here: " + "; ".join(
             f"{r['field']} ({r['why']})" for r in fatal), fix="restore on a host like the snapshot's, or take a "
-                                                               "new snapshot here", fatal=True)
+                                                               "new snapshot here", fatal=True), rows
     return Check("host", True, f"{snapshot} can be restored here" + (
-        f" (warnings: {', '.join(r['field'] for r in warn)})" if warn else "") + f"; this host: {summary}", fatal=False)
+        f" (warnings: {', '.join(r['field'] for r in warn)})" if warn else "") + f"; this host: {summary}",
+        fatal=False), rows
 
 
 def _privileges() -> Check:

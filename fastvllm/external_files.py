@@ -58,10 +58,9 @@ def shm_paths_of(pids: list[int]) -> set[str]:
     found: set[str] = set()
     inodes: set[int] = set()
     for pid in pids:
-        for path in _fd_targets(pid) | _mapped_files(pid):
-            if path.startswith(str(SHM_DIR) + "/") and not path.endswith(_DELETED):
-                found.add(path)
-        inodes |= _shm_inodes(pid)
+        named, held = _shm_held(pid)
+        found |= named
+        inodes |= held
     try:
         shm_dev = os.stat(SHM_DIR).st_dev
         names = os.listdir(SHM_DIR)
@@ -79,17 +78,26 @@ def shm_paths_of(pids: list[int]) -> set[str]:
     return found
 
 
-def _shm_inodes(pid: int) -> set[int]:
-    """Inodes of the /dev/shm files ``pid`` maps or holds open, under any name or none."""
+def _shm_held(pid: int) -> tuple[set[str], set[int]]:
+    """The /dev/shm files ``pid`` maps or holds open: their paths (deleted ones left out)
+    and their inodes (under any name or none). One read of its maps and fds."""
     shm = str(SHM_DIR) + "/"
-    out = {inode for path, inode in _map_entries(pid) if path.startswith(shm)}
+    named: set[str] = set()
+    inodes: set[int] = set()
+    for path, inode in _map_entries(pid):
+        if path.startswith(shm):
+            inodes.add(inode)
+            if not path.endswith(_DELETED):
+                named.add(path)
     for link, target in _fd_entries(pid):
         if target.startswith(shm):
+            if not target.endswith(_DELETED):
+                named.add(target)
             try:
-                out.add(os.stat(link).st_ino)
+                inodes.add(os.stat(link).st_ino)
             except OSError:
                 continue
-    return out
+    return named, inodes
 
 
 def compile_cache_roots(env: dict[str, str] | None = None) -> list[str]:

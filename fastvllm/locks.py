@@ -41,6 +41,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import psutil
+
 from .errors import FastvllmError
 from .paths import run_dir
 
@@ -140,7 +142,7 @@ def _held(path: Path, *, what: str, fix: str, wait_s: float = 0.0) -> Iterator[d
                     raise
                 if time.monotonic() >= deadline:
                     record = _read_record(fd, wait=True)
-                    if record.get("pid") and not _alive(int(record["pid"])) \
+                    if record.get("pid") and not psutil.pid_exists(int(record["pid"])) \
                             and time.monotonic() < deadline + HANDOVER_WAIT_S:
                         # Its holder was killed; the orphan guard that inherited the lock is
                         # still cleaning up after it (orphan_guard.py): a second or so.
@@ -163,16 +165,6 @@ def _held(path: Path, *, what: str, fix: str, wait_s: float = 0.0) -> Iterator[d
 
 
 HANDOVER_WAIT_S = 30.0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read_record(fd: int, wait: bool = False) -> dict:

@@ -666,14 +666,21 @@ def _stream(plan: WeightPlan, threads: int, buffers: int, engine: CopyEngine, io
             if c + k < len(plan.chunks):
                 slices.submit(c + k)
     finally:
-        if slices is not None:
-            slices.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
-        if source is not None:
-            source.close()
+        stop_reading(slices, pool, source)
         st.seconds = time.perf_counter() - start
         if isinstance(stats, dict):
             stats.update(st.as_dict(), io=io)
+
+
+def stop_reading(slices, pool, source) -> None:
+    """What every reader's ``finally`` does: cancel the slice reads not yet started, wait
+    for the pool's running ones (they write into buffers about to be reused), then close
+    the file."""
+    if slices is not None:
+        slices.cancel()
+    pool.shutdown(wait=True, cancel_futures=True)
+    if source is not None:
+        source.close()
 
 
 def _open(path: Path) -> int:
